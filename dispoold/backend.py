@@ -1,0 +1,209 @@
+"""The hypervisor seam: what the pool engine needs from a backend, and how one is chosen.
+
+The engine knows domains only by name (``dispNNNN``) and never touches a hypervisor
+API. A backend is any class with the methods of :class:`Backend`; ``xen`` is the one
+that ships (:mod:`dispoold.xen`), and ``package.module:Class`` in the configuration
+loads an out-of-tree one.
+
+Contract shared by every method:
+
+- All methods are coroutines and must not block the event loop; a backend that calls a
+  blocking C library runs it in a worker thread.
+- Failures raise :class:`BackendError` (or a subclass) carrying the operation and the
+  domain. Nothing else escapes, apart from :class:`asyncio.CancelledError`.
+- :meth:`Backend.destroy` is idempotent: destroying a domain that is already gone is
+  not an error. Everything else on a domain that does not exist raises
+  :class:`NoSuchDomain`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from dispoold.config import TemplateSettings
+
+#: Import paths of the backends that ship with dispoold (uvicorn-style: name -> class).
+BACKENDS = {"xen": "dispoold.xen.backend:XenBackend"}
+
+
+class BackendError(Exception):
+    """A backend operation failed."""
+
+    def __init__(self, operation: str, domain: str | None, message: str) -> None:
+        where = f" {domain}" if domain else ""
+        super().__init__(f"{operation}{where}: {message}")
+        self.operation = operation
+        self.domain = domain
+        self.message = message
+
+
+class NoSuchDomain(BackendError):
+    """The domain does not exist (it was never created, or it is gone)."""
+
+
+class NotPaused(BackendError):
+    """:meth:`Backend.unpause` found the domain already running: someone else unpaused it."""
+
+
+class NotReady(BackendError):
+    """The guest did not report readiness in time, or died while booting."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot work on this host at all (missing library, no hypervisor)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """What the daemon writes on every domain it creates, so it can find them again.
+
+    ``owner`` names the daemon instance (two daemons on one host never touch each other's
+    domains); ``template`` and ``dispid`` let restart recovery reconcile a domain that
+    the journal does not know.
+    """
+
+    owner: str
+    template: str
+    dispid: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    name: str
+    domid: int
+    paused: bool
+    #: True once the guest has shut down or crashed (a Xen domain lingers until destroyed).
+    shutdown: bool
+    memory_mib: int
+    maxmem_mib: int
+    marker: Marker | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    actual_mib: int
+    target_mib: int
+    maxmem_mib: int
+    #: What the guest reports using, if it reports (Qubes: meminfo-writer).
+    used_mib: int | None
+
+
+class DomainEventKind(StrEnum):
+    #: The domain is gone, or has shut down or crashed.
+    DIED = "died"
+    #: A domain this backend paused was found running although the backend did not
+    #: unpause it: someone else did.
+    UNPAUSED = "unpaused"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    kind: DomainEventKind
+    name: str
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the pool engine needs from a hypervisor. See the module docstring."""
+
+    async def open(self) -> None:
+        """Connect to the hypervisor. Raises :class:`BackendUnavailable` when it can't."""
+
+    async def close(self) -> None:
+        """Release every resource; domains are left as they are."""
+
+    async def create(self, name: str, template: TemplateSettings, marker: Marker) -> int:
+        """Create the domain ``name`` from ``template``, marked with ``marker``, and start
+        it (running, not paused). Returns its domid.
+
+        On failure nothing is left behind: a half-built domain is destroyed before
+        :class:`BackendError` is raised. This call is not cancellable halfway; the engine
+        shields it and destroys the domain afterwards when it no longer wants it.
+        """
+
+    async def wait_ready(self, name: str, timeout: float) -> None:
+        """Return once the guest reports that its system is running.
+
+        Raises :class:`NotReady` after ``timeout`` seconds or if the domain dies first.
+        Cancellable at any point.
+        """
+
+    async def pause(self, name: str) -> None:
+        """Pause the domain. From now on, an unpause that this backend did not do is
+        reported as a :attr:`DomainEventKind.UNPAUSED` event."""
+
+    async def unpause(self, name: str) -> None:
+        """Unpause a domain this backend paused.
+
+        Raises :class:`NotPaused` if it was already running (someone else unpaused it);
+        the check and the unpause are one step, so a domain is never handed out after an
+        unnoticed foreign unpause.
+        """
+
+    async def set_memory_target(self, name: str, mib: int) -> None:
+        """Ask the guest's balloon driver for ``mib`` MiB (capped at maxmem)."""
+
+    async def memory(self, name: str) -> MemoryInfo:
+        """The domain's current, target and maximum memory, and its reported use."""
+
+    async def destroy(self, name: str) -> None:
+        """Destroy the domain. A domain that does not exist is not an error."""
+
+    async def domain_info(self, name: str) -> DomainInfo | None:
+        """The domain's state, or None if it does not exist."""
+
+    async def list_owned(self, owner: str) -> list[DomainInfo]:
+        """Every domain carrying a marker whose owner is ``owner``."""
+
+    async def free_memory_mib(self) -> int:
+        """Memory the hypervisor has not given to any domain."""
+
+    def events(self) -> AsyncIterator[DomainEvent]:
+        """Deaths and foreign unpauses of the domains this backend created or found via
+        :meth:`list_owned`, as they happen. One consumer; ends when the backend closes."""
+        ...
+
+
+def load_backend(name: str, options: Mapping[str, Any]) -> Backend:
+    """Instantiate the backend named in the configuration.
+
+    ``name`` is a key of :data:`BACKENDS` or ``package.module:Class``; the class is called
+    with ``options`` (the ``[backend.options]`` table). Raises :class:`BackendUnavailable`
+    with a message a person can act on.
+    """
+    path = BACKENDS.get(name, name)
+    try:
+        cls = import_from_string(path)
+    except ImportError as exc:
+        raise BackendUnavailable("load", None, f"backend {exc}") from None
+    try:
+        backend = cls(dict(options))
+    except BackendError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise BackendUnavailable("load", None, f"backend {name!r}: bad options: {exc}") from None
+    if not isinstance(backend, Backend):
+        raise BackendUnavailable("load", None, f"{path} does not implement the Backend interface")
+    return backend
+
+
+def import_from_string(path: str) -> Any:
+    """Resolve ``package.module:Attribute``.
+
+    Raises :class:`ImportError` whose message names what was asked for and why it failed.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ImportError(f"{path!r}: expected a built-in name or 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"{path!r}: cannot import {module_name}: {exc}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(f"{path!r}: module {module_name} has no {attribute!r}") from None

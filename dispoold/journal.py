@@ -1,0 +1,230 @@
+"""The engine's books on disk: one SQLite file in the state directory.
+
+The engine writes a disposable's record *before* it creates the domain, updates it on
+every stage change, and deletes it only once the domain is destroyed. So after a crash
+at any point the journal lists every domain the daemon may have made, with the last
+stage it was known to be in; restart recovery (:meth:`dispoold.pool.Pool.start`)
+decides from that. WAL mode keeps a process crash from losing a committed write.
+
+Also kept here: dispids freed recently (Qubes keeps these in memory only, so they were
+forgotten on restart), and the operator's run-time overrides of the configuration
+(``set_max``, ``set_threshold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispoold.errors import DispidsExhausted
+from dispoold.lifecycle import Stage
+
+DISPID_RANGE = 10_000
+#: Random picks before falling back to a scan (Qubes gives up after 100 picks; we only
+#: give up when no dispid at all is free).
+RANDOM_PICKS = 100
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS disposables (
+    name        TEXT PRIMARY KEY,
+    dispid      INTEGER NOT NULL UNIQUE,
+    template    TEXT NOT NULL,
+    stage       TEXT NOT NULL,
+    since       REAL NOT NULL,
+    domid       INTEGER,
+    origin      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    delivered   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS freed_dispids (
+    dispid   INTEGER PRIMARY KEY,
+    freed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    name: str
+    dispid: int
+    template: str
+    stage: Stage
+    since: float
+    domid: int | None
+    origin: str
+    fingerprint: str
+    #: The request that took it has answered (it matters for ``requested``: a request
+    #: cut short by a crash never reached its caller).
+    delivered: bool
+
+
+class Journal:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        log: logging.Logger,
+        now: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._log = log
+        self._now = now
+        self._rng = rng or random.SystemRandom()
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A damaged journal must not keep the daemon down: keep it for inspection and
+            # start afresh; recovery then reconciles the domains from their markers.
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(self._now())}")
+            self._log.error("journal %s is damaged (%s); moved to %s", self.path, exc, aside)
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"schema version {version} is not {SCHEMA_VERSION}")
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- disposables ---------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        with closing(self._db.execute("SELECT * FROM disposables ORDER BY since")) as rows:
+            return [
+                Record(
+                    name=name,
+                    dispid=dispid,
+                    template=template,
+                    stage=Stage(stage),
+                    since=since,
+                    domid=domid,
+                    origin=origin,
+                    fingerprint=fingerprint,
+                    delivered=bool(delivered),
+                )
+                for (
+                    name,
+                    dispid,
+                    template,
+                    stage,
+                    since,
+                    domid,
+                    origin,
+                    fingerprint,
+                    delivered,
+                ) in rows
+            ]
+
+    def put(self, record: Record) -> None:
+        """Insert or update the record of ``record.name``."""
+        self._db.execute(
+            "INSERT INTO disposables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET stage=excluded.stage, since=excluded.since,"
+            " domid=excluded.domid, delivered=excluded.delivered",
+            (
+                record.name,
+                record.dispid,
+                record.template,
+                record.stage.value,
+                record.since,
+                record.domid,
+                record.origin,
+                record.fingerprint,
+                int(record.delivered),
+            ),
+        )
+
+    def remove(self, name: str, *, quarantine: bool = True) -> None:
+        """Forget the disposable; its dispid stays unusable for the quarantine period."""
+        with self._transaction() as db:
+            row = db.execute("SELECT dispid FROM disposables WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return
+            db.execute("DELETE FROM disposables WHERE name = ?", (name,))
+            if quarantine:
+                db.execute(
+                    "INSERT OR REPLACE INTO freed_dispids VALUES (?, ?)", (row[0], self._now())
+                )
+
+    def allocate_dispid(
+        self, quarantine_seconds: float, *, exclude: frozenset[int] = frozenset()
+    ) -> int:
+        """A dispid neither in use, nor freed within ``quarantine_seconds``, nor in
+        ``exclude``. The caller records it (via :meth:`put`) before yielding to the loop.
+
+        Raises :class:`DispidsExhausted` when there is none.
+        """
+        cutoff = self._now() - quarantine_seconds
+        self._db.execute("DELETE FROM freed_dispids WHERE freed_at <= ?", (cutoff,))
+        taken = set(exclude)
+        with closing(
+            self._db.execute(
+                "SELECT dispid FROM disposables UNION SELECT dispid FROM freed_dispids"
+            )
+        ) as rows:
+            taken.update(dispid for (dispid,) in rows)
+        for _ in range(RANDOM_PICKS):
+            dispid = self._rng.randrange(DISPID_RANGE)
+            if dispid not in taken:
+                return dispid
+        free = [dispid for dispid in range(DISPID_RANGE) if dispid not in taken]
+        if not free:
+            raise DispidsExhausted(
+                f"all {DISPID_RANGE} dispids are in use or were freed in the last"
+                f" {quarantine_seconds / 86400:g} days"
+            )
+        return self._rng.choice(free)
+
+    # -- operator overrides --------------------------------------------------------
+
+    def get_setting(self, key: str) -> int | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_setting(self, key: str, value: int | None) -> None:
+        """Store an override; ``None`` deletes it."""
+        if value is None:
+            self._db.execute("DELETE FROM settings WHERE key = ?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
