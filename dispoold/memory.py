@@ -11,6 +11,16 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from dispoold.backend import Backend, import_from_string
+from dispoold.config import MemorySettings
+
+#: The managers that ship, by configuration name. Each is called as
+#: ``cls(settings, backend)``; so is an out-of-tree ``package.module:Class``.
+MANAGERS = {
+    "qmemman": "dispoold.memory:QmemmanClient",
+    "balancer": "dispoold.memory:Balancer",
+}
+
 
 class MemoryManagerError(Exception):
     """A memory operation failed; the message says what and why."""
@@ -69,3 +79,19 @@ class MemoryManager(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Figures for the ``memory`` part of the status reply (msgpack-able)."""
+
+
+def create_manager(settings: MemorySettings, backend: Backend) -> MemoryManager:
+    """The manager ``settings.manager`` names; ``auto`` means qmemman when its socket
+    exists, else the daemon's own balancer. Raises :class:`MemoryManagerError`."""
+    name = settings.manager
+    if name == "auto":
+        name = "qmemman" if settings.qmemman_socket.exists() else "balancer"
+    try:
+        cls = import_from_string(MANAGERS.get(name, name))
+    except ImportError as exc:
+        raise MemoryManagerError(f"memory manager {exc}") from None
+    manager = cls(settings, backend)
+    if not isinstance(manager, MemoryManager):
+        raise MemoryManagerError(f"memory manager {name!r} does not implement MemoryManager")
+    return manager
