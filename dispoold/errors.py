@@ -11,7 +11,11 @@ class PoolError(Exception):
     """A request to the pool engine cannot be served; the message says why."""
 
 
-class InvalidTarget(PoolError):
+class BadRequest(PoolError):
+    """An argument is out of range or malformed."""
+
+
+class InvalidTarget(BadRequest):
     """The target is not ``@dispvm``, ``@dispvm:NAME`` or ``@dispvm:@tag:TAG``."""
 
 
