@@ -80,6 +80,8 @@ TRANSITIONS: dict[tuple[Stage, Event], Stage | None] = {
     (Stage.SHRINKING, Event.REQUEST): Stage.REQUESTED,
     (Stage.PAUSED, Event.REQUEST): Stage.REQUESTED,
     (Stage.PAUSED, Event.UNPAUSE): Stage.TAINTED,
+    # The backend reports the foreign unpause before the engine has recorded its pause.
+    (Stage.SHRINKING, Event.UNPAUSE): Stage.TAINTED,
     # Requested during startup: it keeps booting; the waiting request learns the outcome.
     (Stage.REQUESTED, Event.START): Stage.REQUESTED,
     (Stage.REQUESTED, Event.READY): Stage.REQUESTED,
