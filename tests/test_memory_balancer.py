@@ -392,3 +392,10 @@ async def test_status_is_plain_data(backend: BalloonBackend, balancer: Balancer)
     assert msgpack.unpackb(msgpack.packb(status)) == status
     assert status["manager"] == "balancer"
     assert status["shrinks"][0]["name"] == "disp1"
+
+
+@pytest.mark.asyncio
+async def test_available_memory_can_be_read_inside_an_allocation(balancer: Balancer) -> None:
+    # The engine re-checks the threshold inside the block: that must not wait on the lock.
+    async with balancer.allocation("disp1", 100):
+        assert await asyncio.wait_for(balancer.available_mib(), 0.5) == 16_384

@@ -364,3 +364,14 @@ async def test_exclude_include_forget_are_bookkeeping(
     client.forget("disp3")
     assert client.status()["domains"] == {"starting": 0, "excluded": 1, "included": 1}
     assert server.requests == []  # qmemman balances running domains itself
+
+
+@pytest.mark.asyncio
+async def test_available_memory_can_be_read_inside_an_allocation(
+    client: QmemmanClient, server: QmemmanServer, settings: MemorySettings
+) -> None:
+    # The engine re-checks the threshold inside the block: that must not wait on the
+    # request lock (and qmemman, holding its own lock, does not rewrite the file then).
+    write_avail(settings.qmemman_avail_file, str(2048 * MIB))
+    async with client.allocation("disp9", 400):
+        assert await asyncio.wait_for(client.available_mib(), 0.5) == 2048
