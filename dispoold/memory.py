@@ -720,10 +720,14 @@ class Balancer(_ManagerBase):
         domain = self._domains.get(name)
         if domain is None or domain.state is not _DomainState.INCLUDED:
             return
+        if domain.initial_mib is None:
+            # Found at a restart, already handed out: what it was created with is not
+            # known (maxmem may be far more), so it keeps what it has.
+            return
         # A cancelled shrink's target may still be on its way: let it land first.
         await self._settled(name)
         info = await self._memory(name, "give memory back to")
-        wanted = min(domain.initial_mib or info.maxmem_mib, info.maxmem_mib)
+        wanted = min(domain.initial_mib, info.maxmem_mib)
         grow = wanted - info.target_mib
         if grow <= 0:
             return

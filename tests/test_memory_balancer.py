@@ -399,3 +399,15 @@ async def test_available_memory_can_be_read_inside_an_allocation(balancer: Balan
     # The engine re-checks the threshold inside the block: that must not wait on the lock.
     async with balancer.allocation("disp1", 100):
         assert await asyncio.wait_for(balancer.available_mib(), 0.5) == 16_384
+
+
+@pytest.mark.asyncio
+async def test_a_disposable_found_at_restart_keeps_what_it_has(
+    backend: BalloonBackend, balancer: Balancer
+) -> None:
+    # Created (and squeezed) by the previous daemon; maxmem is far above its creation size.
+    await backend.create("disp1", TemplateSettings(memory=400, maxmem=4000), Marker("d", "t", 1))
+    await backend.set_memory_target("disp1", 300)
+    balancer.include("disp1")
+    await asyncio.sleep(0.1)
+    assert (await backend.memory("disp1")).target_mib == 300
