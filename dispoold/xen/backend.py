@@ -1,0 +1,788 @@
+"""The Xen backend: disposables as Xen domains, through libxl and xenstore.
+
+Threads. Every libxl and xenstore request runs in a worker thread, never on the event
+loop. Builds and destroys (seconds) have their own pool, so that the quick operations
+(pause, unpause, domain info, memory: milliseconds) never queue behind them; with
+``control_context = "separate"`` (the default) the quick operations also use a libxl
+context of their own, because libxl holds a context's lock while it builds a domain.
+Per domain, one asyncio lock serializes pause, unpause and the foreign-unpause check,
+and the paused check and the unpause run as one call in one thread.
+
+Marker. Each domain this backend creates carries ``/local/domain/<domid>/dispoold/``
+``{owner,template,dispid}``. libxl writes it (``c_info.xsdata``) in the xenstore
+transaction that names the domain, so no domain of ours ever exists in xenstore without
+it, and removes it with the domain. ``/local/domain/<domid>`` is owned by dom0 and only
+readable by the guest; the marker inherits that, so the guest can read it but can
+neither change nor forge it (it can write only under ``data/``, ``control/...`` and the
+like). Nothing acts on a domain without a marker of this daemon's owner, whatever its
+name.
+
+Events. Deaths: a watch on xenstore's ``@releaseDomain`` (fired when any domain shuts
+down, crashes or is destroyed) wakes a scan: one ``libxl_list_domain`` call compared
+with the domains we know. The watch's file descriptor sits in the event loop
+(``add_reader``), so there is no polling delay. Foreign unpauses: the same scan runs
+every ``unpause_check_interval`` seconds while some domain is paused by us, and
+:meth:`XenBackend.unpause` checks the flag itself. Each event is reported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from dispoold.backend import (
+    BackendError,
+    BackendUnavailable,
+    DomainEvent,
+    DomainEventKind,
+    DomainInfo,
+    Marker,
+    MemoryInfo,
+    NoSuchDomain,
+    NotPaused,
+    NotReady,
+)
+from dispoold.config import TemplateSettings
+from dispoold.xen import bindings
+from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError
+from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
+from dispoold.xen.xenstore import XenStore, XenStoreError
+
+log = logging.getLogger("dispoold.xen")
+
+T = TypeVar("T")
+
+#: Under /local/domain/<domid>/.
+MARKER_DIR = "dispoold"
+MARKER_KEYS = ("owner", "template", "dispid")
+RELEASE_WATCH = "@releaseDomain"
+RELEASE_TOKEN = "dispoold:release"  # noqa: S105 (a xenstore watch token)
+
+
+class _Unpause(Enum):
+    DONE = "done"
+    GONE = "gone"
+    RUNNING = "running"
+
+
+@dataclass(eq=False)
+class _Domain:
+    """A domain this backend created or adopted (via list_owned or by name)."""
+
+    name: str
+    domid: int
+    uuid: bytes
+    marker: Marker
+    #: Paused by this backend and not unpaused by it since.
+    paused_by_backend: bool = False
+    died: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    info: DomInfo
+    name: str
+    marker: Marker | None
+    maxmem_kib: int
+
+
+def marker_xsdata(marker: Marker) -> dict[str, str]:
+    """The marker as ``libxl_domain_create_info.xsdata`` entries."""
+    return {
+        f"{MARKER_DIR}/owner": marker.owner,
+        f"{MARKER_DIR}/template": marker.template,
+        f"{MARKER_DIR}/dispid": str(marker.dispid),
+    }
+
+
+def parse_marker(values: Mapping[str, str | None]) -> Marker | None:
+    """A marker from its three xenstore values, or None if they do not form one."""
+    owner, template, dispid = (values.get(key) for key in MARKER_KEYS)
+    if not owner or not template or dispid is None or not dispid.isdigit():
+        return None
+    return Marker(owner=owner, template=template, dispid=int(dispid))
+
+
+def parse_kib(untrusted_value: str | None, ceiling_kib: int) -> int | None:
+    """A KiB figure written by the guest, checked: digits only, clamped to the ceiling."""
+    if untrusted_value is None:
+        return None
+    untrusted_value = untrusted_value.strip()
+    if not untrusted_value.isdigit() or len(untrusted_value) > 15:
+        return None
+    return min(int(untrusted_value), ceiling_kib)
+
+
+def domain_spec(
+    name: str, template: TemplateSettings, marker: Marker, options: XenTemplateOptions
+) -> DomainSpec:
+    """What libxl is asked to build. Raises ValueError naming what is wrong."""
+    if template.kernel is None:
+        raise ValueError("the template has no kernel (only direct kernel boot is supported)")
+    for what, path in (("kernel", template.kernel), ("ramdisk", template.ramdisk)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{what} {path} does not exist or is not readable")
+    return DomainSpec(
+        name=name,
+        kernel=str(template.kernel),
+        ramdisk=None if template.ramdisk is None else str(template.ramdisk),
+        cmdline=template.cmdline,
+        memory_kib=template.memory * 1024,
+        maxmem_kib=template.max_memory * 1024,
+        vcpus=template.vcpus,
+        disks=template.disks,
+        xsdata=marker_xsdata(marker),
+        pvh=options.type == "pvh",
+    )
+
+
+class XenBackend:
+    """:class:`dispoold.backend.Backend` on Xen. See the module docstring."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        # Options first: a typo is worth reporting even on a host without Xen.
+        self.options = XenBackendOptions.model_validate(dict(options or {}))
+        self._ffi, self._lib = bindings.load()
+        self._xl_build: Libxl | None = None
+        self._xl_ctl: Libxl | None = None
+        self._xs: XenStore | None = None
+        self._xs_watch: XenStore | None = None
+        self._quick: ThreadPoolExecutor | None = None
+        self._slow: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_fd: int | None = None
+        self._watch_handlers: dict[str, Callable[[str], None]] = {}
+        self._tokens = itertools.count(1)
+        self._tracked: dict[str, _Domain] = {}
+        self._creating: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
+        self._owners: set[str] = set()
+        self._events: asyncio.Queue[DomainEvent | None] | None = None
+        self._scan_wanted = asyncio.Event()
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._quick = ThreadPoolExecutor(4, thread_name_prefix="dispoold-xen")
+        self._slow = ThreadPoolExecutor(
+            self.options.build_threads, thread_name_prefix="dispoold-xen-build"
+        )
+        try:
+            await loop.run_in_executor(self._quick, self._open_sync)
+            self._watch_handlers[RELEASE_TOKEN] = lambda _path: self._scan_wanted.set()
+            xs_watch = self._need(self._xs_watch)
+            self._watch_fd = await loop.run_in_executor(self._quick, xs_watch.fileno)
+            loop.add_reader(self._watch_fd, self._on_watch_readable)
+            await loop.run_in_executor(self._quick, xs_watch.watch, RELEASE_WATCH, RELEASE_TOKEN)
+        except (LibxlError, XenStoreError, RuntimeError) as exc:
+            await self._teardown()
+            raise BackendUnavailable(
+                "open",
+                None,
+                f"cannot use Xen: {exc}. The Xen backend runs as root in dom0, with the "
+                "Xen toolstack up (xenstored; Debian: xen.service, elsewhere xencommons)",
+            ) from None
+        self._events = asyncio.Queue()
+        self._monitor_task = asyncio.create_task(self._monitor(), name="dispoold-xen-monitor")
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.put_nowait(None)
+            self._events = None
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+            self._monitor_task = None
+        if self._watch_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._watch_fd)
+            self._watch_fd = None
+        # Builds in flight finish first: the context must outlive them.
+        for executor in (self._slow, self._quick):
+            if executor is not None:
+                await asyncio.to_thread(executor.shutdown, True)
+        self._slow = self._quick = None
+        await asyncio.to_thread(self._close_sync)
+
+    def _open_sync(self) -> None:
+        level = self.options.libxl_log_level
+        self._xl_build = Libxl(self._ffi, self._lib)
+        self._xl_build.open(level)
+        if self.options.control_context == "separate":
+            self._xl_ctl = Libxl(self._ffi, self._lib)
+            self._xl_ctl.open(level)
+        else:
+            self._xl_ctl = self._xl_build
+        self._xs = XenStore(self._ffi, self._lib)
+        self._xs.open()
+        self._xs_watch = XenStore(self._ffi, self._lib)
+        self._xs_watch.open()
+
+    def _close_sync(self) -> None:
+        for store in (self._xs_watch, self._xs):
+            if store is not None:
+                store.close()
+        for xl in (self._xl_ctl, self._xl_build):
+            if xl is not None:
+                xl.close()
+        self._xs_watch = self._xs = None
+        self._xl_ctl = self._xl_build = None
+
+    # -- Backend: domains -----------------------------------------------------------
+
+    async def create(self, name: str, template: TemplateSettings, marker: Marker) -> int:
+        try:
+            options = XenTemplateOptions.model_validate(template.options)
+            spec = domain_spec(name, template, marker, options)
+        except ValidationError as exc:
+            raise BackendError("create", name, f"template options: {exc}") from None
+        except ValueError as exc:
+            raise BackendError("create", name, str(exc)) from None
+        if name in self._creating:
+            raise BackendError("create", name, "a create of that name is in progress")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._need(self._slow), self._create_sync, spec)
+        self._creating[name] = future
+        try:
+            domid, uuid = await future
+        except LibxlError as exc:
+            raise BackendError("create", name, exc.describe()) from None
+        except ValueError as exc:
+            raise BackendError("create", name, str(exc)) from None
+        finally:
+            if self._creating.get(name) is future:
+                del self._creating[name]
+        self._owners.add(marker.owner)
+        self._tracked[name] = _Domain(name, domid, uuid, marker)
+        log.info("created %s (domid %d) from template %s", name, domid, marker.template)
+        return domid
+
+    def _create_sync(self, spec: DomainSpec) -> tuple[int, bytes]:
+        xl = self._need(self._xl_build)
+        existing = xl.name_to_domid(spec.name)
+        if existing is not None:
+            raise LibxlError(
+                "create", 0, f"a domain named {spec.name} already exists (domid {existing})"
+            )
+        domid, uuid = xl.create(spec)
+        try:
+            xl.unpause(domid)
+        except LibxlError:
+            xl.destroy(domid)
+            raise
+        return domid, uuid
+
+    async def wait_ready(self, name: str, timeout: float) -> None:
+        try:
+            domain = await self._resolve("wait_ready", name)
+        except NoSuchDomain:
+            raise NotReady("wait_ready", name, "the domain is gone") from None
+        if domain.died.is_set():
+            raise NotReady("wait_ready", name, "the domain died while booting")
+        if self.options.readiness == "qrexec":
+            await self._wait_qrexec(domain, timeout)
+        else:
+            await self._wait_xenstore(domain, timeout)
+
+    async def _wait_xenstore(self, domain: _Domain, timeout: float) -> None:
+        path = self._key_path(domain.domid, self.options.ready_key)
+        token = f"dispoold:ready:{next(self._tokens)}"
+        fired = asyncio.Event()
+        self._watch_handlers[token] = lambda _path: fired.set()
+        xs_watch, xs = self._need(self._xs_watch), self._need(self._xs)
+        try:
+            await self._quick_call(xs_watch.watch, path, token)
+            async with asyncio.timeout(timeout):
+                while True:
+                    fired.clear()
+                    untrusted_value = await self._quick_call(xs.read, path)
+                    if untrusted_value is not None and untrusted_value.strip() not in ("", "0"):
+                        return
+                    await self._first_of(fired, domain.died)
+                    if domain.died.is_set():
+                        raise NotReady("wait_ready", domain.name, "the domain died while booting")
+        except TimeoutError:
+            raise NotReady(
+                "wait_ready",
+                domain.name,
+                f"the guest did not write {path} within {timeout:g} s",
+            ) from None
+        except XenStoreError as exc:
+            raise BackendError("wait_ready", domain.name, str(exc)) from None
+        finally:
+            del self._watch_handlers[token]
+            self._in_background(self._quick_call(xs_watch.unwatch, path, token))
+
+    async def _wait_qrexec(self, domain: _Domain, timeout: float) -> None:
+        argv = [
+            arg.format(name=domain.name, domid=domain.domid) for arg in self.options.qrexec_command
+        ]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise NotReady("wait_ready", domain.name, f"cannot run {argv[0]}: {exc}") from None
+        try:
+            async with asyncio.timeout(timeout):
+                finished = asyncio.ensure_future(process.communicate())
+                died = asyncio.ensure_future(domain.died.wait())
+                try:
+                    await asyncio.wait({finished, died}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    died.cancel()
+                if not finished.done():
+                    finished.cancel()
+                    raise NotReady("wait_ready", domain.name, "the domain died while booting")
+                _, stderr = finished.result()
+        except TimeoutError:
+            raise NotReady(
+                "wait_ready",
+                domain.name,
+                f"qubes.WaitForRunningSystem did not succeed within {timeout:g} s",
+            ) from None
+        finally:
+            if process.returncode is None:
+                process.kill()
+                self._in_background(process.wait())
+        if process.returncode != 0:
+            why = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise NotReady(
+                "wait_ready",
+                domain.name,
+                f"{argv[0]} exited with status {process.returncode} {why[0]}".rstrip(),
+            )
+
+    async def pause(self, name: str) -> None:
+        domain = await self._resolve("pause", name)
+        async with domain.lock:
+            try:
+                alive = await self._quick_call(self._pause_sync, domain.domid, domain.uuid)
+            except LibxlError as exc:
+                raise BackendError("pause", name, exc.describe()) from None
+            if not alive:
+                self._gone(domain)
+                raise NoSuchDomain("pause", name, "the domain is gone")
+            domain.paused_by_backend = True
+
+    def _pause_sync(self, domid: int, uuid: bytes) -> bool:
+        xl = self._need(self._xl_ctl)
+        info = self._info_sync(domid, uuid)
+        if info is None:
+            return False
+        # Xen counts the toolstack's pauses: pausing a paused domain again would make
+        # our one unpause leave it paused.
+        if not info.paused:
+            xl.pause(domid)
+        return True
+
+    async def unpause(self, name: str) -> None:
+        domain = await self._resolve("unpause", name)
+        async with domain.lock:
+            try:
+                result = await self._quick_call(self._unpause_sync, domain.domid, domain.uuid)
+            except LibxlError as exc:
+                raise BackendError("unpause", name, exc.describe()) from None
+            domain.paused_by_backend = False
+        if result is _Unpause.GONE:
+            self._gone(domain)
+            raise NoSuchDomain("unpause", name, "the domain is gone")
+        if result is _Unpause.RUNNING:
+            raise NotPaused("unpause", name, "the domain is already running")
+
+    def _unpause_sync(self, domid: int, uuid: bytes) -> _Unpause:
+        """Check the paused flag and unpause, as one step in one thread."""
+        xl = self._need(self._xl_ctl)
+        info = self._info_sync(domid, uuid)
+        if info is None:
+            return _Unpause.GONE
+        if not info.paused:
+            return _Unpause.RUNNING
+        try:
+            xl.unpause(domid)
+        except LibxlError:
+            # Xen refuses to unpause a domain with no toolstack pause left: someone
+            # else unpaused it between our check and our call.
+            after = self._info_sync(domid, uuid)
+            if after is None:
+                return _Unpause.GONE
+            if not after.paused:
+                return _Unpause.RUNNING
+            raise
+        return _Unpause.DONE
+
+    async def set_memory_target(self, name: str, mib: int) -> None:
+        domain = await self._resolve("set_memory_target", name)
+        try:
+            alive = await self._quick_call(
+                self._set_target_sync, domain.domid, domain.uuid, mib * 1024
+            )
+        except LibxlError as exc:
+            raise BackendError("set_memory_target", name, exc.describe()) from None
+        if not alive:
+            self._gone(domain)
+            raise NoSuchDomain("set_memory_target", name, "the domain is gone")
+
+    def _set_target_sync(self, domid: int, uuid: bytes, kib: int) -> bool:
+        info = self._info_sync(domid, uuid)
+        if info is None:
+            return False
+        ceiling = self._maxmem_sync(info)
+        self._need(self._xl_ctl).set_memory_target(domid, max(0, min(kib, ceiling)))
+        return True
+
+    async def memory(self, name: str) -> MemoryInfo:
+        domain = await self._resolve("memory", name)
+        try:
+            result = await self._quick_call(self._memory_sync, domain.domid, domain.uuid)
+        except (LibxlError, XenStoreError) as exc:
+            raise BackendError("memory", name, str(exc)) from None
+        if result is None:
+            self._gone(domain)
+            raise NoSuchDomain("memory", name, "the domain is gone")
+        return result
+
+    def _memory_sync(self, domid: int, uuid: bytes) -> MemoryInfo | None:
+        info = self._info_sync(domid, uuid)
+        if info is None:
+            return None
+        xs = self._need(self._xs)
+        maxmem = self._maxmem_sync(info)
+        target = parse_kib(xs.read(f"/local/domain/{domid}/memory/target"), maxmem)
+        used = parse_kib(xs.read(self._key_path(domid, self.options.meminfo_key)), maxmem)
+        return MemoryInfo(
+            actual_mib=info.current_memkb // 1024,
+            target_mib=(info.current_memkb if target is None else target) // 1024,
+            maxmem_mib=maxmem // 1024,
+            used_mib=None if used is None else used // 1024,
+        )
+
+    async def destroy(self, name: str) -> None:
+        pending = self._creating.get(name)
+        if pending is not None:
+            # The domain may appear when the build finishes: wait for it, then destroy.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        domain = self._tracked.get(name)
+        if domain is not None:
+            domid, uuid = domain.domid, domain.uuid
+        else:
+            found = await self._lookup("destroy", name)
+            if found is None:
+                return
+            if not self._is_ours(found.marker):
+                log.warning(
+                    "destroy %s: domain %d carries no marker of this daemon; left alone",
+                    name,
+                    found.info.domid,
+                )
+                return
+            domid, uuid = found.info.domid, found.info.uuid
+        # Forgotten first: our own destroy is not a death to report.
+        self._forget(name)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._need(self._slow), self._destroy_sync, domid, uuid
+            )
+        except LibxlError as exc:
+            if domain is not None:
+                self._tracked.setdefault(name, domain)
+            raise BackendError("destroy", name, exc.describe()) from None
+        log.info("destroyed %s (domid %d)", name, domid)
+
+    def _destroy_sync(self, domid: int, uuid: bytes) -> None:
+        if self._info_sync(domid, uuid) is None:
+            return
+        self._need(self._xl_build).destroy(domid)
+
+    async def domain_info(self, name: str) -> DomainInfo | None:
+        domain = self._tracked.get(name)
+        if domain is not None:
+            try:
+                found = await self._quick_call(self._describe_sync, domain)
+            except (LibxlError, XenStoreError) as exc:
+                raise BackendError("domain_info", name, str(exc)) from None
+            if found is not None:
+                return self._domain_info(found)
+            self._gone(domain)
+        found = await self._lookup("domain_info", name)
+        return None if found is None else self._domain_info(found)
+
+    def _describe_sync(self, domain: _Domain) -> _Found | None:
+        info = self._info_sync(domain.domid, domain.uuid)
+        if info is None:
+            return None
+        return _Found(info, domain.name, domain.marker, self._maxmem_sync(info))
+
+    async def list_owned(self, owner: str) -> list[DomainInfo]:
+        self._owners.add(owner)
+        try:
+            found = await self._quick_call(self._list_marked_sync)
+        except (LibxlError, XenStoreError) as exc:
+            raise BackendError("list_owned", None, str(exc)) from None
+        owned = []
+        for item in found:
+            if item.marker is None or item.marker.owner != owner:
+                continue
+            domain = self._tracked.get(item.name)
+            if domain is None or (domain.domid, domain.uuid) != (item.info.domid, item.info.uuid):
+                domain = _Domain(item.name, item.info.domid, item.info.uuid, item.marker)
+                self._tracked[item.name] = domain
+            # Found paused at start-up: from now on, an unpause by someone else is news.
+            domain.paused_by_backend = item.info.paused
+            owned.append(self._domain_info(item))
+        # Domains found dead are reported as deaths.
+        self._scan_wanted.set()
+        return owned
+
+    def _list_marked_sync(self) -> list[_Found]:
+        xs = self._need(self._xs)
+        found = []
+        for info in self._need(self._xl_ctl).list_domains():
+            if info.domid == 0:
+                continue
+            marker = self._marker_sync(info.domid)
+            if marker is None:
+                continue
+            name = xs.read(f"/local/domain/{info.domid}/name")
+            if name is None:
+                continue
+            found.append(_Found(info, name, marker, self._maxmem_sync(info)))
+        return found
+
+    async def free_memory_mib(self) -> int:
+        try:
+            kib = await self._quick_call(self._need(self._xl_ctl).free_memory_kib)
+        except LibxlError as exc:
+            raise BackendError("free_memory", None, exc.describe()) from None
+        return kib // 1024
+
+    async def events(self) -> AsyncIterator[DomainEvent]:
+        if self._events is None:
+            raise BackendError("events", None, "backend not open")
+        queue = self._events
+        # Deaths that happened before anyone listened are reported first.
+        self._scan_wanted.set()
+        while (event := await queue.get()) is not None:
+            yield event
+
+    # -- identity ---------------------------------------------------------------------
+
+    async def _resolve(self, operation: str, name: str) -> _Domain:
+        """The domain of that name that this daemon owns; raises NoSuchDomain."""
+        domain = self._tracked.get(name)
+        if domain is not None:
+            return domain
+        found = await self._lookup(operation, name)
+        if found is None:
+            raise NoSuchDomain(operation, name, "no such domain")
+        if found.marker is None or not self._is_ours(found.marker):
+            raise NoSuchDomain(
+                operation,
+                name,
+                f"domain {found.info.domid} of that name carries no marker of this daemon; "
+                "left alone",
+            )
+        domain = _Domain(name, found.info.domid, found.info.uuid, found.marker)
+        self._tracked[name] = domain
+        if found.info.shutdown or found.info.dying:
+            self._scan_wanted.set()
+        return domain
+
+    async def _lookup(self, operation: str, name: str) -> _Found | None:
+        try:
+            return await self._quick_call(self._lookup_sync, name)
+        except (LibxlError, XenStoreError) as exc:
+            raise BackendError(operation, name, str(exc)) from None
+
+    def _lookup_sync(self, name: str) -> _Found | None:
+        domid = self._need(self._xl_ctl).name_to_domid(name)
+        if domid is None:
+            return None
+        info = self._need(self._xl_ctl).domain_info(domid)
+        if info is None:
+            return None
+        return _Found(info, name, self._marker_sync(domid), self._maxmem_sync(info))
+
+    def _is_ours(self, marker: Marker | None) -> bool:
+        if marker is None:
+            return False
+        # Before the engine names its owner (list_owned, create), any dispoold marker.
+        return not self._owners or marker.owner in self._owners
+
+    def _marker_sync(self, domid: int) -> Marker | None:
+        xs = self._need(self._xs)
+        base = f"/local/domain/{domid}/{MARKER_DIR}"
+        owner = xs.read(f"{base}/owner")
+        if owner is None:
+            return None
+        values = {"owner": owner}
+        for key in MARKER_KEYS[1:]:
+            values[key] = xs.read(f"{base}/{key}") or ""
+        return parse_marker(values)
+
+    def _info_sync(self, domid: int, uuid: bytes) -> DomInfo | None:
+        """The domain's state, or None if it is gone (or its domid now names another)."""
+        info = self._need(self._xl_ctl).domain_info(domid)
+        if info is None or info.uuid != uuid:
+            return None
+        return info
+
+    def _maxmem_sync(self, info: DomInfo) -> int:
+        """The domain's static maximum (KiB), as libxl recorded it at creation."""
+        value = self._need(self._xs).read(f"/local/domain/{info.domid}/memory/static-max")
+        if value is not None and value.strip().isdigit():
+            return int(value)
+        return info.max_memkb
+
+    @staticmethod
+    def _domain_info(found: _Found) -> DomainInfo:
+        info = found.info
+        return DomainInfo(
+            name=found.name,
+            domid=info.domid,
+            paused=info.paused,
+            shutdown=info.shutdown or info.dying,
+            memory_mib=info.current_memkb // 1024,
+            maxmem_mib=found.maxmem_kib // 1024,
+            marker=found.marker,
+        )
+
+    def _forget(self, name: str) -> None:
+        self._tracked.pop(name, None)
+
+    def _gone(self, domain: _Domain) -> None:
+        """The domain vanished: report it (once) and stop tracking it."""
+        if self._tracked.get(domain.name) is domain:
+            del self._tracked[domain.name]
+            self._died(domain)
+
+    def _died(self, domain: _Domain) -> None:
+        if not domain.died.is_set():
+            domain.died.set()
+            self._emit(DomainEventKind.DIED, domain.name)
+
+    # -- events -----------------------------------------------------------------------
+
+    def _emit(self, kind: DomainEventKind, name: str) -> None:
+        log.info("event: %s %s", kind.value, name)
+        if self._events is not None:
+            self._events.put_nowait(DomainEvent(kind, name))
+
+    def _on_watch_readable(self) -> None:
+        store = self._xs_watch
+        if store is None:
+            return
+        while True:
+            try:
+                fired = store.check_watch()
+            except XenStoreError as exc:
+                log.error("xenstore watch connection failed: %s", exc)
+                if self._loop is not None and self._watch_fd is not None:
+                    self._loop.remove_reader(self._watch_fd)
+                    self._watch_fd = None
+                return
+            if fired is None:
+                return
+            path, token = fired
+            handler = self._watch_handlers.get(token)
+            if handler is not None:
+                handler(path)
+
+    async def _monitor(self) -> None:
+        interval = self.options.unpause_check_interval
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._scan_wanted.wait()
+            except TimeoutError:
+                if not any(d.paused_by_backend for d in self._tracked.values()):
+                    continue
+            self._scan_wanted.clear()
+            try:
+                await self._scan()
+            except (LibxlError, XenStoreError) as exc:
+                log.warning("domain scan failed: %s", exc)
+
+    async def _scan(self) -> None:
+        """Compare Xen's domains with ours: report deaths and foreign unpauses."""
+        infos = await self._quick_call(self._need(self._xl_ctl).list_domains)
+        by_domid = {info.domid: info for info in infos}
+        for domain in list(self._tracked.values()):
+            if self._tracked.get(domain.name) is not domain:
+                continue
+            info = by_domid.get(domain.domid)
+            if info is None or info.uuid != domain.uuid:
+                self._gone(domain)
+            elif info.shutdown or info.dying:
+                self._died(domain)
+            elif domain.paused_by_backend and not info.paused:
+                await self._confirm_foreign_unpause(domain)
+
+    async def _confirm_foreign_unpause(self, domain: _Domain) -> None:
+        # Under the domain's lock, so that our own unpause in progress is not taken
+        # for someone else's.
+        async with domain.lock:
+            if not domain.paused_by_backend:
+                return
+            info = await self._quick_call(self._info_sync, domain.domid, domain.uuid)
+            if info is not None and not info.paused:
+                domain.paused_by_backend = False
+                self._emit(DomainEventKind.UNPAUSED, domain.name)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _quick_call(self, function: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._need(self._quick), partial(function, *args))
+
+    @staticmethod
+    async def _first_of(*events: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _in_background(self, awaitable: Any) -> None:
+        """Run a clean-up step without waiting for it (and without losing its errors)."""
+        future = asyncio.ensure_future(awaitable)
+        self._background.add(future)
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.debug("clean-up step failed: %s", future.exception())
+
+    @staticmethod
+    def _key_path(domid: int, key: str) -> str:
+        return key if key.startswith("/") else f"/local/domain/{domid}/{key}"
+
+    @staticmethod
+    def _need(value: T | None) -> T:
+        if value is None:
+            raise BackendError("xen", None, "backend not open")
+        return value
