@@ -98,6 +98,14 @@ class _Found:
     maxmem_kib: int
 
 
+def describe_validation(exc: ValidationError) -> str:
+    """A pydantic error on one line: ``field: problem; field: problem``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+        for error in exc.errors()
+    )
+
+
 def marker_xsdata(marker: Marker) -> dict[str, str]:
     """The marker as ``libxl_domain_create_info.xsdata`` entries."""
     return {
@@ -153,7 +161,10 @@ class XenBackend:
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         # Options first: a typo is worth reporting even on a host without Xen.
-        self.options = XenBackendOptions.model_validate(dict(options or {}))
+        try:
+            self.options = XenBackendOptions.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            raise ValueError(describe_validation(exc)) from None
         self._ffi, self._lib = bindings.load()
         self._xl_build: Libxl | None = None
         self._xl_ctl: Libxl | None = None
@@ -253,7 +264,9 @@ class XenBackend:
             options = XenTemplateOptions.model_validate(template.options)
             spec = domain_spec(name, template, marker, options)
         except ValidationError as exc:
-            raise BackendError("create", name, f"template options: {exc}") from None
+            raise BackendError(
+                "create", name, f"template options: {describe_validation(exc)}"
+            ) from None
         except ValueError as exc:
             raise BackendError("create", name, str(exc)) from None
         if name in self._creating:
