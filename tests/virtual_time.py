@@ -86,7 +86,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
 #: Loops of crashed daemon lifetimes: kept referenced (and never run again) so that
 #: their pending tasks are frozen as a killed process's would be, not garbage-collected.
-_ABANDONED: list[VirtualTimeLoop] = []
+_ABANDONED: list[Any] = []
 
 
 def run(coro: Coroutine[Any, Any, T], *, crash: bool = False) -> T:
