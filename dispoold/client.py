@@ -9,7 +9,7 @@ in whatever order the daemon finishes them)::
         print(vm.name)
 
     async with AsyncClient() as dispoold:
-        async for event in dispoold.subscribe(["used"]):
+        async for event in await dispoold.subscribe(["used"]):
             print(event.name, event.data)
 
 Errors the daemon answers with are :class:`RemoteError` subclasses carrying the wire
@@ -26,7 +26,7 @@ import errno
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -305,18 +305,31 @@ class Client:
         self.call("resume")
 
     def subscribe(self, events: list[str] | None = None) -> Iterator[Event]:
-        """Events as they happen, until the connection closes. Use a connection of its
-        own for it: other calls on it would be held up. Raises :class:`RemoteError` if
-        the daemon ends the stream (a subscriber too slow to read is cut off)."""
+        """Subscribe, and return the events as they happen, until the connection closes.
+
+        The subscription is in place when this returns: every event after that is
+        delivered. Use a connection of its own for it (other calls on it would have to
+        wait for the stream to be read). Iterating raises :class:`RemoteError` if the
+        daemon ends the stream (a subscriber too slow to read is cut off, or the daemon
+        stops)."""
         request_id = self._send("subscribe", _args(events=events))
-        acknowledged = False
+        while True:
+            reply = self._receive()
+            if reply.id is None and reply.error is not None:
+                raise reply.error
+            if reply.id != request_id:
+                continue
+            if reply.error is not None:
+                raise reply.error
+            if reply.result is not None:
+                return self._events(request_id)
+
+    def _events(self, request_id: int) -> Iterator[Event]:
         while True:
             try:
                 reply = self._receive()
             except DaemonUnavailable:
-                if acknowledged:
-                    return
-                raise
+                return
             if reply.id is None and reply.error is not None:
                 raise reply.error
             if reply.id != request_id:
@@ -325,7 +338,6 @@ class Client:
                 raise reply.error
             if reply.event is not None:
                 yield reply.event
-            acknowledged = True
 
     def _send(self, op: str, args: Mapping[str, Any] | None) -> int:
         if self._sock is None:
@@ -373,6 +385,37 @@ class Client:
 
 
 # -- asyncio ------------------------------------------------------------------------
+
+
+class EventStream:
+    """The events of one subscription (:meth:`AsyncClient.subscribe`)."""
+
+    def __init__(
+        self, queue: asyncio.Queue[Event | BaseException | None], forget: Callable[[], object]
+    ) -> None:
+        self._queue = queue
+        self._forget = forget
+        self._ended = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None:
+            self.close()
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop receiving (the daemon keeps sending until the connection closes)."""
+        self._ended = True
+        self._forget()
 
 
 class AsyncClient:
@@ -476,10 +519,16 @@ class AsyncClient:
     async def resume(self) -> None:
         await self.call("resume")
 
-    async def subscribe(self, events: list[str] | None = None) -> AsyncIterator[Event]:
-        """Events as they happen, until the connection closes. Raises
-        :class:`RemoteError` if the daemon ends the stream (e.g. the subscriber was too
-        slow to read and was cut off)."""
+    async def subscribe(self, events: list[str] | None = None) -> EventStream:
+        """Subscribe; returns once the subscription is in place, so that every event
+        after that is delivered::
+
+            stream = await client.subscribe(["used"])
+            async for event in stream: ...
+
+        Iterating raises :class:`RemoteError` if the daemon ends the stream (a
+        subscriber too slow to read is cut off, or the daemon stops), and ends when the
+        connection closes."""
         request_id = self._next_id()
         queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -488,16 +537,12 @@ class AsyncClient:
         try:
             await self._send(request_id, "subscribe", _args(events=events))
             await ack
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
         finally:
             self._calls.pop(request_id, None)
-            self._streams.pop(request_id, None)
+        return EventStream(queue, lambda: self._streams.pop(request_id, None))
 
     def _next_id(self) -> int:
         return next(self._ids)
