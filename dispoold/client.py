@@ -351,7 +351,7 @@ class Client:
         try:
             self._sock.sendall(pack_frame(message))
         except FrameError as exc:
-            raise BadRequest(str(exc)) from None
+            raise FrameTooLarge(str(exc)) from None
         except OSError as exc:
             self.close()
             raise DaemonUnavailable(f"connection to dispoold lost: {exc.strerror or exc}") from None
@@ -560,7 +560,7 @@ class AsyncClient:
         try:
             frame = pack_frame(message)
         except FrameError as exc:
-            raise BadRequest(str(exc)) from None
+            raise FrameTooLarge(str(exc)) from None
         try:
             self._writer.write(frame)
             await self._writer.drain()
