@@ -108,6 +108,9 @@ class Daemon:
             except _StartupFailed as exc:
                 self.log.error("cannot start: %s", exc)
                 return exc.code
+            except Exception:
+                self.log.critical("cannot start: unexpected error", exc_info=True)
+                return EXIT_FAILURE
             return await self._serve(pool, stack)
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> Pool:

@@ -288,6 +288,7 @@ class Server:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        self._reclaims: set[asyncio.Task[None]] = set()
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on ``sock``, a bound and listening Unix stream socket."""
@@ -322,7 +323,23 @@ class Server:
             if not t.done()
         ]
         await asyncio.gather(*(c.stop() for c in list(self._connections)))
+        if self._reclaims:
+            await asyncio.wait(list(self._reclaims), timeout=max(drain, 1.0))
         return cut
+
+    def reclaim(self, name: str, peer: Peer) -> None:
+        """A disposable was handed out to ``peer``, which left before hearing its name:
+        nobody else knows it, so release it rather than leak a running VM."""
+        self.log.warning("%s left before receiving %s; releasing it", peer, name)
+        task = asyncio.create_task(self._release_undelivered(name), name=f"reclaim-{name}")
+        self._reclaims.add(task)
+        task.add_done_callback(self._reclaims.discard)
+
+    async def _release_undelivered(self, name: str) -> None:
+        try:
+            await self.engine.release(name)
+        except Exception:
+            self.log.exception("could not release %s, which nobody received", name)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
@@ -507,21 +524,20 @@ class _Connection:
         except Exception as exc:
             await self.send(self._failure(command, exc))
         else:
-            delivered = await self.send(ok_reply(command.id, result))
-            if not delivered and command.op == "request":
-                await self._reclaim(str(result["name"]))
+            delivered = False
+            try:
+                delivered = await self.send(ok_reply(command.id, result))
+            except asyncio.CancelledError:
+                # Cut short while the reply waited for room in the socket: it is queued,
+                # and reaches the peer unless the peer is gone.
+                delivered = not (self._gone or self._peer_hung_up())
+                raise
+            finally:
+                if not delivered and command.op == "request":
+                    self.server.reclaim(str(result["name"]), self.peer)
         finally:
             self._slots.release()
             self.tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-
-    async def _reclaim(self, name: str) -> None:
-        # Handed out to a peer that left before hearing which one it got: nobody
-        # else knows the name, so release it rather than leak a running VM.
-        self.log.warning("%s left before receiving %s; releasing it", self.peer, name)
-        try:
-            await self.server.engine.release(name)
-        except Exception:
-            self.log.exception("could not release undelivered %s", name)
 
     def _failure(self, command: Command, exc: Exception) -> dict[str, Any]:
         mapped = error_for(exc)

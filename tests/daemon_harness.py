@@ -101,9 +101,11 @@ def config_text(
             **(pool or {}),
         },
     }
-    for name, settings in (TEMPLATES if templates is None else templates).items():
+    templates = TEMPLATES if templates is None else templates
+    for name, settings in templates.items():
         tables[f"templates.{name}"] = settings
-    tables["sources.work"] = {"default_dispvm": "debian-dvm"}
+    if "debian-dvm" in templates:
+        tables["sources.work"] = {"default_dispvm": "debian-dvm"}
     tables["sources.vault"] = {"default_dispvm": ""}
     return toml(tables)
 

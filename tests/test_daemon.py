@@ -745,3 +745,14 @@ def test_logs_go_to_stderr_outside_systemd(daemon: DaemonProcess) -> None:
     log = daemon.log()
     assert "INFO dispoold: dispoold 0.1.0 ready on" in log
     assert os.environ.get("INVOCATION_ID") is None or "ready on" in log
+
+
+def test_a_peer_that_hangs_up_mid_request_leaves_nothing_behind() -> None:
+    with running_daemon() as daemon:
+        for _ in range(10):
+            with RawConnection(daemon.socket_path) as conn:
+                conn.send({"id": 1, "op": "request", "args": {"target": "@dispvm:slow"}})
+                daemon.wait_until(lambda s: bool(_template(s, "slow")["disposables"]))
+        # Each hang-up cancelled its request, and the engine destroyed what it had begun.
+        daemon.wait_until(lambda s: not _template(s, "slow")["disposables"])
+        assert daemon.log().count("request (id 1)") == 10
