@@ -7,7 +7,8 @@ arguments. Engine errors become wire replies in exactly one place, :func:`error_
 
 Bounds, so that no peer can make the daemon grow without limit or stop serving others:
 
-- at most :attr:`Limits.max_connections` connections; one more gets an error frame
+- at most :attr:`Limits.max_connections` connections, and
+  :attr:`Limits.max_connections_per_uid` from one uid; one more gets an error frame
   and is closed;
 - at most :attr:`Limits.max_in_flight` requests running per connection; past that the
   server stops reading from that connection until one finishes (the peer's writes
@@ -253,7 +254,9 @@ def check_request(untrusted_body: bytes, peer: Peer, access: Access) -> Command 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_connections: int = 512
+    max_connections: int = 1024
+    #: So that one user (or one runaway script) cannot take every connection.
+    max_connections_per_uid: int = 256
     max_in_flight: int = 64
     max_subscriptions: int = 16
     frame_timeout: float = 10.0
@@ -344,11 +347,16 @@ class Server:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
         connection = _Connection(self, reader, writer, peer)
+        mine = sum(1 for c in self._connections if c.peer.uid == peer.uid)
         if len(self._connections) >= self.limits.max_connections:
-            self.log.warning("refusing %s: %d connections open", peer, len(self._connections))
-            await connection.refuse(
-                f"too many connections ({len(self._connections)}); try again later"
-            )
+            reason = f"too many connections ({len(self._connections)}); try again later"
+        elif mine >= self.limits.max_connections_per_uid:
+            reason = f"too many connections from uid {peer.uid} ({mine}); try again later"
+        else:
+            reason = None
+        if reason is not None:
+            self.log.warning("refusing %s: %s", peer, reason)
+            await connection.refuse(reason)
             return
         self._connections.add(connection)
         try:

@@ -329,6 +329,20 @@ async def test_connections_past_the_limit_are_told_and_closed(directory: Path) -
 
 
 @pytest.mark.asyncio
+async def test_one_uid_cannot_take_every_connection(directory: Path) -> None:
+    rig = await start_rig(StubEngine(), Limits(max_connections_per_uid=1), directory)
+    first = await rig.connect()
+    await first.send({"id": 1, "op": "ping"})
+    assert (await first.receive())["ok"] is True
+    second = await rig.connect()
+    reply = await second.receive()
+    assert reply["error"]["code"] == "backend_error"
+    assert "too many connections from uid 0 (1)" in reply["error"]["message"]
+    assert await second.closed_by_server()
+    await rig.stop()
+
+
+@pytest.mark.asyncio
 async def test_subscriptions_per_connection_are_bounded(directory: Path) -> None:
     rig = await start_rig(StubEngine(), Limits(max_subscriptions=1), directory)
     peer = await rig.connect()
