@@ -299,6 +299,10 @@ class Server:
             self._accept, sock=sock, limit=MAX_FRAME + HEADER.size
         )
 
+    def stopping(self) -> bool:
+        """Shutdown has begun: new requests are answered with ``shutting_down``."""
+        return self.closing
+
     @property
     def connections(self) -> int:
         return len(self._connections)
@@ -503,6 +507,12 @@ class _Connection:
             # Each request runs on its own, so a slow one never holds up the rest; the
             # semaphore makes a peer with too many of them wait before we read more.
             await self._slots.acquire()
+            if self.server.stopping():  # began while this one waited for a slot
+                self._slots.release()
+                await self.send(
+                    error_reply(command.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+                )
+                return
             pending = _Pending(command, self.peer)
             task = asyncio.create_task(self._run(pending), name=f"rpc-{command.op}-{command.id}")
             self.tasks[task] = pending

@@ -297,7 +297,7 @@ def test_fuzz_raw_bytes_never_raise(untrusted: bytes, peer: Peer) -> None:
     _is_answerable(check_request(untrusted, peer, ACCESS))
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(message=_messages, peer=_peers)
 def test_fuzz_structured_messages_never_raise(message: dict[str, Any], peer: Peer) -> None:
     outcome = check_request(body(message), peer, ACCESS)
