@@ -132,7 +132,7 @@ def test_domains_marked_as_ours_but_unknown_to_the_journal_are_reconciled(
     for path in tmp_path.glob("journal.sqlite*"):
         path.unlink()
     second = first.next_lifetime()
-    paused_before = {n for n, d in second.backend.domains.items() if d.paused}
+    paused_before = {d.domid for d in second.backend.domains.values() if d.paused}
 
     async def second_life() -> None:
         await second.start()
@@ -141,7 +141,7 @@ def test_domains_marked_as_ours_but_unknown_to_the_journal_are_reconciled(
         assert second.books[state["used"]].stage is Stage.USED
         assert state["used"] in second.backend.domains
         # Paused ones can't be trusted as fresh: destroyed, and replaced.
-        assert not paused_before & set(second.backend.domains)
+        assert not paused_before & {d.domid for d in second.backend.domains.values()}
         await settle()
         assert len(second.names(PAUSED)) == 3
         await second.pool.release(state["used"])
