@@ -43,7 +43,8 @@ class DaemonSettings(_Table):
     instance: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "dispoold"
     socket: Path = Path("/run/dispoold/dispoold.sock")
     #: Members of this group may request, release and watch; only root may change limits.
-    group: str | None = "qubes"
+    #: Empty: root only (TOML has no null).
+    group: str = "qubes"
     socket_mode: int = Field(0o660, ge=0, le=0o777)
     state_dir: Path = Path("/var/lib/dispoold")
     #: How long SIGTERM waits for in-flight requests before cutting them short.
