@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs inside the dom0 root filesystem (chroot) at the end of `labctl build`, for both the
 # booted image (VARIANT=runtime) and its build variant (VARIANT=build).
-# /tmp/lab holds: wheels/ (with requirements.txt) and rootfs/ (files copied over /).
+# /tmp/lab holds wheels/ (with requirements.txt). The lab's job runner (lab/dom0/rootfs/)
+# is not baked in: labctl adds it to each run's layer.
 set -euo pipefail
 variant=$1
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
@@ -22,9 +23,6 @@ echo dom0 > /etc/hostname
 systemd-machine-id-setup >/dev/null 2>&1 || true
 passwd -d root >/dev/null
 
-cp -a /tmp/lab/rootfs/. /
-chmod 0755 /usr/local/libexec/dispoold-lab/*
-
 if [ "$variant" = build ]; then
     exit 0
 fi
@@ -44,8 +42,6 @@ else
     echo 'XENCONSOLED_TRACE=guest' >> /etc/default/xen
 fi
 echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >> /etc/default/xen
-
-systemctl enable dispoold-lab-runner.service >/dev/null 2>&1
 
 # Boot time under emulation is the lab's main cost: mask what a throw-away dom0 in an
 # initramfs never needs (timers, first-boot and update checks, consoles the lab drives
