@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -54,7 +53,7 @@ from dispoold.backend import (
     NotReady,
 )
 from dispoold.config import TemplateSettings
-from dispoold.xen import bindings
+from dispoold.xen import bindings, connection
 from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError
 from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
 from dispoold.xen.xenstore import XenStore, XenStoreError
@@ -67,7 +66,6 @@ T = TypeVar("T")
 MARKER_DIR = "dispoold"
 MARKER_KEYS = ("owner", "template", "dispid")
 RELEASE_WATCH = "@releaseDomain"
-RELEASE_TOKEN = "dispoold:release"  # noqa: S105 (a xenstore watch token)
 
 
 class _Unpause(Enum):
@@ -173,9 +171,9 @@ class XenBackend:
         self._quick: ThreadPoolExecutor | None = None
         self._slow: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watch_fd: int | None = None
-        self._watch_handlers: dict[str, Callable[[str], None]] = {}
-        self._tokens = itertools.count(1)
+        self._xen: connection.XenConnection | None = None
+        self._attached = False
+        self._release_token: str | None = None
         self._tracked: dict[str, _Domain] = {}
         self._creating: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
         self._owners: set[str] = set()
@@ -195,11 +193,14 @@ class XenBackend:
         )
         try:
             await loop.run_in_executor(self._quick, self._open_sync)
-            self._watch_handlers[RELEASE_TOKEN] = lambda _path: self._scan_wanted.set()
-            xs_watch = self._need(self._xs_watch)
-            self._watch_fd = await loop.run_in_executor(self._quick, xs_watch.fileno)
-            loop.add_reader(self._watch_fd, self._on_watch_readable)
-            await loop.run_in_executor(self._quick, xs_watch.watch, RELEASE_WATCH, RELEASE_TOKEN)
+            xen = self._need(self._xen)
+            xen.attach(loop)
+            self._attached = True
+            self._release_token = xen.token("release")
+            xen.on_watch(self._release_token, lambda _path: self._scan_wanted.set())
+            await loop.run_in_executor(
+                self._quick, xen.xs_watch.watch, RELEASE_WATCH, self._release_token
+            )
         except (LibxlError, XenStoreError, RuntimeError) as exc:
             await self._teardown()
             raise BackendUnavailable(
@@ -223,39 +224,32 @@ class XenBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor_task
             self._monitor_task = None
-        if self._watch_fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._watch_fd)
-            self._watch_fd = None
-        # Builds in flight finish first: the context must outlive them.
+        xen = self._xen
+        if xen is not None and self._release_token is not None:
+            xen.forget_watch(self._release_token)
+            with contextlib.suppress(XenStoreError):
+                await asyncio.to_thread(xen.xs_watch.unwatch, RELEASE_WATCH, self._release_token)
+            self._release_token = None
+        if xen is not None and self._attached:
+            xen.detach()
+            self._attached = False
+        # Builds in flight finish first. The connection itself stays open for the next
+        # backend of this process (see dispoold.xen.connection).
         for executor in (self._slow, self._quick):
             if executor is not None:
                 await asyncio.to_thread(executor.shutdown, True)
         self._slow = self._quick = None
-        await asyncio.to_thread(self._close_sync)
+        self._xen = None
+        self._xl_build = self._xl_ctl = None
+        self._xs = self._xs_watch = None
 
     def _open_sync(self) -> None:
-        level = self.options.libxl_log_level
-        self._xl_build = Libxl(self._ffi, self._lib)
-        self._xl_build.open(level)
-        if self.options.control_context == "separate":
-            self._xl_ctl = Libxl(self._ffi, self._lib)
-            self._xl_ctl.open(level)
-        else:
-            self._xl_ctl = self._xl_build
-        self._xs = XenStore(self._ffi, self._lib)
-        self._xs.open()
-        self._xs_watch = XenStore(self._ffi, self._lib)
-        self._xs_watch.open()
-
-    def _close_sync(self) -> None:
-        for store in (self._xs_watch, self._xs):
-            if store is not None:
-                store.close()
-        for xl in (self._xl_ctl, self._xl_build):
-            if xl is not None:
-                xl.close()
-        self._xs_watch = self._xs = None
-        self._xl_ctl = self._xl_build = None
+        xen = connection.connect(self._ffi, self._lib, self.options.libxl_log_level)
+        self._xen = xen
+        self._xl_build = xen.build
+        self._xl_ctl = xen.control() if self.options.control_context == "separate" else xen.build
+        self._xs = xen.xs
+        self._xs_watch = xen.xs_watch
 
     # -- Backend: domains -----------------------------------------------------------
 
@@ -317,9 +311,10 @@ class XenBackend:
 
     async def _wait_xenstore(self, domain: _Domain, timeout: float) -> None:
         path = self._key_path(domain.domid, self.options.ready_key)
-        token = f"dispoold:ready:{next(self._tokens)}"
+        xen = self._need(self._xen)
+        token = xen.token("ready")
         fired = asyncio.Event()
-        self._watch_handlers[token] = lambda _path: fired.set()
+        xen.on_watch(token, lambda _path: fired.set())
         xs_watch, xs = self._need(self._xs_watch), self._need(self._xs)
         try:
             await self._quick_call(xs_watch.watch, path, token)
@@ -341,7 +336,7 @@ class XenBackend:
         except XenStoreError as exc:
             raise BackendError("wait_ready", domain.name, str(exc)) from None
         finally:
-            del self._watch_handlers[token]
+            xen.forget_watch(token)
             self._in_background(self._quick_call(xs_watch.unwatch, path, token))
 
     async def _wait_qrexec(self, domain: _Domain, timeout: float) -> None:
@@ -639,10 +634,9 @@ class XenBackend:
         return _Found(info, name, self._marker_sync(domid), self._maxmem_sync(info))
 
     def _is_ours(self, marker: Marker | None) -> bool:
-        if marker is None:
-            return False
-        # Before the engine names its owner (list_owned, create), any dispoold marker.
-        return not self._owners or marker.owner in self._owners
+        # The owners are those the engine named (create, list_owned): until it has,
+        # nothing is ours, whatever marker it carries.
+        return marker is not None and marker.owner in self._owners
 
     def _marker_sync(self, domid: int) -> Marker | None:
         xs = self._need(self._xs)
@@ -702,26 +696,6 @@ class XenBackend:
         log.info("event: %s %s", kind.value, name)
         if self._events is not None:
             self._events.put_nowait(DomainEvent(kind, name))
-
-    def _on_watch_readable(self) -> None:
-        store = self._xs_watch
-        if store is None:
-            return
-        while True:
-            try:
-                fired = store.check_watch()
-            except XenStoreError as exc:
-                log.error("xenstore watch connection failed: %s", exc)
-                if self._loop is not None and self._watch_fd is not None:
-                    self._loop.remove_reader(self._watch_fd)
-                    self._watch_fd = None
-                return
-            if fired is None:
-                return
-            path, token = fired
-            handler = self._watch_handlers.get(token)
-            if handler is not None:
-                handler(path)
 
     async def _monitor(self) -> None:
         interval = self.options.unpause_check_interval

@@ -60,6 +60,8 @@ async def backend() -> AsyncIterator[XenBackend]:
     before = xl_names()
     try:
         async with xen_backend(OWNER, {"unpause_check_interval": 0.5}) as backend:
+            # The engine names its owner first thing (recovery): so do the tests.
+            assert await backend.list_owned(OWNER) == []
             yield backend
     finally:
         destroy_by_name(FOREIGN)
@@ -246,9 +248,11 @@ async def test_kernel_libxl_cannot_load_fails_clearly_and_leaves_nothing(
     assert await backend.domain_info("disp9003") is None
 
 
-async def test_domains_without_our_marker_are_left_alone(backend: XenBackend) -> None:
+async def test_domains_without_our_marker_are_left_alone(
+    backend: XenBackend, tmp_path: Path
+) -> None:
     name = FOREIGN[0]
-    config = GUEST.parent / f"{name}.cfg"
+    config = tmp_path / f"{name}.cfg"
     config.write_text(
         f'name = "{name}"\ntype = "pv"\nkernel = "{GUEST / "vmlinuz"}"\n'
         f'ramdisk = "{GUEST / "initrd.img"}"\nmemory = 64\n'
@@ -268,7 +272,6 @@ async def test_domains_without_our_marker_are_left_alone(backend: XenBackend) ->
         assert name not in {i.name for i in await backend.list_owned(OWNER)}
     finally:
         destroy_by_name([name])
-        config.unlink()
 
 
 async def test_another_owners_domain_is_left_alone(backend: XenBackend) -> None:

@@ -1,0 +1,121 @@
+"""The process's connection to Xen, shared by every :class:`XenBackend` in it.
+
+One libxl context per process (plus, optionally, a second one for quick operations: see
+``control_context``), one xenstore connection for requests and one for watches. They are
+opened once, on first use, and kept for the life of the process: libxl registers each
+context in its process-wide SIGCHLD machinery, and libxenstore cancels a reader thread
+when a watching connection is closed; a daemon has no reason to do either more than
+once, and tests that "restart" a backend in one process then exercise exactly what the
+daemon does after a restart: open a new backend on the same Xen.
+
+The watch connection's file descriptor sits in the event loop of the backends using it
+(one loop at a time); each fired watch goes to the callback registered for its token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from dispoold.xen.libxl import Libxl
+from dispoold.xen.xenstore import XenStore, XenStoreError
+
+log = logging.getLogger("dispoold.xen")
+
+_lock = threading.Lock()
+#: The process's connection, once opened (a one-element list: no global statement).
+_shared: list[XenConnection] = []
+
+
+class XenConnection:
+    def __init__(self, ffi: Any, lib: Any, log_level: str) -> None:
+        self._ffi = ffi
+        self._lib = lib
+        self._log_level = log_level
+        self.build = Libxl(ffi, lib)
+        self.xs = XenStore(ffi, lib)
+        self.xs_watch = XenStore(ffi, lib)
+        try:
+            self.build.open(log_level)
+            self.xs.open()
+            self.xs_watch.open()
+            self._fd = self.xs_watch.fileno()
+        except BaseException:
+            self.xs_watch.close()
+            self.xs.close()
+            self.build.close()
+            raise
+        self._control: Libxl | None = None
+        self._handlers: dict[str, Callable[[str], None]] = {}
+        self._tokens = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._users = 0
+
+    def control(self) -> Libxl:
+        """The second context, for quick operations (opened on first use)."""
+        with _lock:
+            if self._control is None:
+                control = Libxl(self._ffi, self._lib)
+                control.open(self._log_level)
+                self._control = control
+            return self._control
+
+    # -- watches (event-loop side) ----------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A backend on ``loop`` starts using the watches."""
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("the Xen connection is in use by another event loop")
+        if self._loop is None:
+            loop.add_reader(self._fd, self._on_readable)
+            self._loop = loop
+        self._users += 1
+
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
+            self._users = 0
+
+    def token(self, kind: str) -> str:
+        return f"dispoold:{kind}:{next(self._tokens)}"
+
+    def on_watch(self, token: str, handler: Callable[[str], None]) -> None:
+        self._handlers[token] = handler
+
+    def forget_watch(self, token: str) -> None:
+        self._handlers.pop(token, None)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                fired = self.xs_watch.check_watch()
+            except XenStoreError as exc:
+                log.error("xenstore watch connection failed: %s", exc)
+                if self._loop is not None:
+                    self._loop.remove_reader(self._fd)
+                    self._loop = None
+                return
+            if fired is None:
+                return
+            path, token = fired
+            handler = self._handlers.get(token)
+            if handler is not None:
+                handler(path)
+
+
+def connect(ffi: Any, lib: Any, log_level: str) -> XenConnection:
+    """The process's connection, opened on first call (blocking: call it in a thread).
+
+    Raises :class:`~dispoold.xen.libxl.LibxlError`, :class:`XenStoreError` or
+    RuntimeError when Xen cannot be used; a later call tries again.
+    """
+    with _lock:
+        if not _shared:
+            _shared.append(XenConnection(ffi, lib, log_level))
+        return _shared[0]
