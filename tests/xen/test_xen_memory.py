@@ -23,14 +23,10 @@ from dispoold.events import EventBus
 from dispoold.journal import Journal
 from dispoold.memory import DOMAIN_OVERHEAD_MIB, Balancer, NoMemory
 from dispoold.pool import Pool
-
-CAPABILITIES = Path("/proc/xen/capabilities")
-if not CAPABILITIES.exists() or "control_d" not in CAPABILITIES.read_text():
-    pytest.skip("needs the Xen lab's dom0", allow_module_level=True)
+from tests.xen.xen_fixtures import CMDLINE, GUEST, READY_TIMEOUT
 
 pytestmark = pytest.mark.xen
 
-GUEST = Path("/var/lib/dispoold-lab/guest")
 OWNER = "dispoold-test-memory"
 POOL_OWNER = "dispoold-test-pool"
 LOG = logging.getLogger("dispoold.test.xen.memory")
@@ -38,7 +34,6 @@ LOG = logging.getLogger("dispoold.test.xen.memory")
 #: floor stands in for qmemman's 200 MiB at a scale the lab can hold eight of.
 FLOOR = 96
 MEMORY = 192
-READY_TIMEOUT = 240.0  # ~10 s idle; the lab shares a loaded host
 #: Under emulation on a shared host the balloon moves in bursts, a few MiB/s on average
 #: with pauses of seconds (measured: nothing for the first ~5 s, then chunks), so
 #: qmemman's 100 MiB/s over the last second after 3 s gives up on every shrink. The lab
@@ -53,7 +48,7 @@ def template(memory: int = MEMORY) -> TemplateSettings:
     return TemplateSettings(
         kernel=GUEST / "vmlinuz",
         ramdisk=GUEST / "initrd.img",
-        cmdline="console=hvc0 rdinit=/sbin/init quiet",
+        cmdline=CMDLINE,
         memory=memory,
         maxmem=memory,
         vcpus=1,
