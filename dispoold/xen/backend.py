@@ -244,7 +244,9 @@ class XenBackend:
         self._xs = self._xs_watch = None
 
     def _open_sync(self) -> None:
-        xen = connection.connect(self._ffi, self._lib, self.options.libxl_log_level)
+        xen = connection.connect(
+            self._ffi, self._lib, self.options.libxl_log_level, self.options.sigchld
+        )
         self._xen = xen
         self._xl_build = xen.build
         self._xl_ctl = xen.control() if self.options.control_context == "separate" else xen.build
@@ -283,6 +285,10 @@ class XenBackend:
         return domid
 
     def _create_sync(self, spec: DomainSpec) -> tuple[int, bytes]:
+        with self._need(self._xen).busy():
+            return self._create_busy(spec)
+
+    def _create_busy(self, spec: DomainSpec) -> tuple[int, bytes]:
         xl = self._need(self._xl_build)
         existing = xl.name_to_domid(spec.name)
         if existing is not None:
@@ -522,7 +528,8 @@ class XenBackend:
     def _destroy_sync(self, domid: int, uuid: bytes) -> None:
         if self._info_sync(domid, uuid) is None:
             return
-        self._need(self._xl_build).destroy(domid)
+        with self._need(self._xen).busy():
+            self._need(self._xl_build).destroy(domid)
 
     async def domain_info(self, name: str) -> DomainInfo | None:
         domain = self._tracked.get(name)

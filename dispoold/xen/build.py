@@ -167,7 +167,8 @@ void dispoold_logger_free(xentoollog_logger *logger);
 const char *dispoold_last_error(void);
 int dispoold_last_errno(void);
 void dispoold_clear_error(void);
-void dispoold_childproc_setmode(libxl_ctx *ctx);
+void dispoold_childproc_setmode(libxl_ctx *ctx, int mainloop);
+void libxl_childproc_sigchld_occurred(libxl_ctx *ctx);
 int dispoold_disk_parse(const char *spec, libxl_device_disk *disk, char *report,
                         size_t report_len);
 """
@@ -251,15 +252,19 @@ const char *dispoold_last_error(void) { return dispoold_errbuf; }
 int dispoold_last_errno(void) { return dispoold_errno_val; }
 void dispoold_clear_error(void) { dispoold_errbuf[0] = 0; dispoold_errno_val = -1; }
 
-/* libxl keeps this pointer for the context's lifetime: a static outlives it.
- * Why selective reap: see dispoold/xen/libxl.py. */
-static const libxl_childproc_hooks dispoold_childproc_hooks = {
+/* libxl keeps these pointers for the context's lifetime: statics outlive it.
+ * Which one and why: see dispoold/xen/libxl.py. */
+static const libxl_childproc_hooks dispoold_hooks_mainloop = {
+    .chldowner = libxl_sigchld_owner_mainloop,
+};
+static const libxl_childproc_hooks dispoold_hooks_selective_reap = {
     .chldowner = libxl_sigchld_owner_libxl_always_selective_reap,
 };
 
-void dispoold_childproc_setmode(libxl_ctx *ctx)
+void dispoold_childproc_setmode(libxl_ctx *ctx, int mainloop)
 {
-    libxl_childproc_setmode(ctx, &dispoold_childproc_hooks, NULL);
+    libxl_childproc_setmode(
+        ctx, mainloop ? &dispoold_hooks_mainloop : &dispoold_hooks_selective_reap, NULL);
 }
 
 /* xl's own parser for xl's disk syntax; its complaints land in report. */

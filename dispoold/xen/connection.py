@@ -18,7 +18,8 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from dispoold.xen.libxl import Libxl
@@ -26,21 +27,26 @@ from dispoold.xen.xenstore import XenStore, XenStoreError
 
 log = logging.getLogger("dispoold.xen")
 
+#: Seconds between reaps while a create or destroy runs, and otherwise.
+REAP_INTERVAL = 0.01
+IDLE_REAP_INTERVAL = 1.0
+
 _lock = threading.Lock()
 #: The process's connection, once opened (a one-element list: no global statement).
 _shared: list[XenConnection] = []
 
 
 class XenConnection:
-    def __init__(self, ffi: Any, lib: Any, log_level: str) -> None:
+    def __init__(self, ffi: Any, lib: Any, log_level: str, sigchld: str = "mainloop") -> None:
         self._ffi = ffi
         self._lib = lib
         self._log_level = log_level
+        self._mainloop = sigchld == "mainloop"
         self.build = Libxl(ffi, lib)
         self.xs = XenStore(ffi, lib)
         self.xs_watch = XenStore(ffi, lib)
         try:
-            self.build.open(log_level)
+            self.build.open(log_level, mainloop=self._mainloop)
             self.xs.open()
             self.xs_watch.open()
             self._fd = self.xs_watch.fileno()
@@ -50,6 +56,10 @@ class XenConnection:
             self.build.close()
             raise
         self._control: Libxl | None = None
+        self._busy = 0
+        self._wake = threading.Event()
+        if self._mainloop:
+            threading.Thread(target=self._reap, name="dispoold-xen-reaper", daemon=True).start()
         self._handlers: dict[str, Callable[[str], None]] = {}
         self._tokens = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -60,9 +70,34 @@ class XenConnection:
         with _lock:
             if self._control is None:
                 control = Libxl(self._ffi, self._lib)
-                control.open(self._log_level)
+                control.open(self._log_level, mainloop=self._mainloop)
                 self._control = control
             return self._control
+
+    # -- children (see "SIGCHLD" in dispoold.xen.libxl) ------------------------------
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around a libxl call that may fork (create, destroy): reap often meanwhile."""
+        with _lock:
+            self._busy += 1
+        self._wake.set()
+        try:
+            yield
+        finally:
+            with _lock:
+                self._busy -= 1
+
+    def _reap(self) -> None:
+        while True:
+            self._wake.wait(REAP_INTERVAL if self._busy else IDLE_REAP_INTERVAL)
+            self._wake.clear()
+            for xl in (self.build, self._control):
+                if xl is not None:
+                    try:
+                        xl.sigchld_occurred()
+                    except Exception:  # never let the reaper die
+                        log.exception("libxl_childproc_sigchld_occurred failed")
 
     # -- watches (event-loop side) ----------------------------------------------------
 
@@ -109,7 +144,7 @@ class XenConnection:
                 handler(path)
 
 
-def connect(ffi: Any, lib: Any, log_level: str) -> XenConnection:
+def connect(ffi: Any, lib: Any, log_level: str, sigchld: str = "mainloop") -> XenConnection:
     """The process's connection, opened on first call (blocking: call it in a thread).
 
     Raises :class:`~dispoold.xen.libxl.LibxlError`, :class:`XenStoreError` or
@@ -117,5 +152,5 @@ def connect(ffi: Any, lib: Any, log_level: str) -> XenConnection:
     """
     with _lock:
         if not _shared:
-            _shared.append(XenConnection(ffi, lib, log_level))
+            _shared.append(XenConnection(ffi, lib, log_level, sigchld))
         return _shared[0]

@@ -9,28 +9,27 @@ Memory: whatever libxl allocates is disposed here, in ``finally`` blocks
 which also frees the strings, disks and bitmaps we put into the config: hence those come
 from ``strdup``/``calloc``, never from cffi's own allocator).
 
-SIGCHLD: libxl forks hotplug scripts (and, for some guests, device models) during
-create and destroy, and must learn when they exit. dispoold also runs children of its
-own through asyncio (the qrexec readiness call), whose child watcher waits for each of
-its children by pid (``ThreadedChildWatcher`` in 3.11, ``PidfdChildWatcher`` later) and
-never handles SIGCHLD. Of libxl's modes (libxl_event.h, "Subprocess handling"):
+SIGCHLD: libxl forks children during create and destroy (hotplug scripts, device
+models, and on every destroy a child that runs ``xc_domain_destroy``), and must learn
+when they exit. dispoold also runs children of its own through asyncio (the qrexec
+readiness call), whose child watcher waits for each of its children by pid and never
+handles SIGCHLD. Of libxl's modes (libxl_event.h, "Subprocess handling"):
 
 - ``libxl_sigchld_owner_libxl`` (the default) reaps *every* child with ``wait()`` while
   libxl has one: it would steal the exit status of asyncio's children.
 - ``libxl_sigchld_owner_libxl_always`` reaps every child, always: the same, worse.
-- ``libxl_sigchld_owner_mainloop`` makes the application catch SIGCHLD and call back
-  into libxl; a synchronous libxl call blocked in a worker thread would then depend on
-  the event loop noticing the signal.
-- ``libxl_sigchld_owner_libxl_always_selective_reap`` (chosen): libxl keeps its own
-  SIGCHLD handler installed and reaps only its own children with ``waitpid(pid)``; the
-  application reaps its children synchronously by pid. That is exactly what asyncio's
-  watcher does, so the two never meet.
-
-The one thing that must not happen is a Python-level SIGCHLD handler (for instance
-``loop.add_signal_handler(SIGCHLD, ...)`` or the old ``SafeChildWatcher``): libxl
-asserts, when it installs its handler, that the previous one was SIG_DFL or SIG_IGN,
-and a handler installed after it would silence libxl's. :meth:`Libxl.open` checks and
-refuses with an explanation instead of letting libxl abort the process.
+- ``libxl_sigchld_owner_libxl_always_selective_reap``: libxl keeps a C SIGCHLD handler
+  installed and reaps only its own children by pid. It was the first choice, and it
+  does not fight asyncio; but every lab run in that mode crashed the Python process
+  (SIGSEGV on the main thread, at random points, each time shortly after a libxl
+  destroy had forked and reaped its child). It remains as ``sigchld = "selective_reap"``.
+- ``libxl_sigchld_owner_mainloop`` (chosen): libxl installs no handler and never touches
+  SIGCHLD; the application tells it when children may have exited by calling
+  ``libxl_childproc_sigchld_occurred``, which reaps libxl's own children by pid and
+  nothing else. :class:`dispoold.xen.connection.XenConnection` does so from a small
+  thread, every 10 ms while a create or destroy is in flight and every second
+  otherwise: a destroy's child is noticed within 10 ms, no signal handler is involved,
+  and nobody else's children are touched.
 """
 
 from __future__ import annotations
@@ -114,6 +113,7 @@ class Libxl:
         self._lib = lib
         self._ctx: Any = None
         self._logger: Any = None
+        self.mainloop = True
         if not _ERROR_NAMES:
             for rc in range(-1, -64, -1):
                 text = lib.libxl_error_to_string(rc)
@@ -122,11 +122,11 @@ class Libxl:
 
     # -- context --------------------------------------------------------------------
 
-    def open(self, stderr_level: str = "warning") -> None:
+    def open(self, stderr_level: str = "warning", *, mainloop: bool = True) -> None:
         """Allocate the context. Raises :class:`LibxlError` (not in dom0, no toolstack)
         or :class:`RuntimeError` (a SIGCHLD handler that libxl cannot live with)."""
         handler = signal.getsignal(signal.SIGCHLD)
-        if handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if not mainloop and handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise RuntimeError(
                 "a Python SIGCHLD handler is installed; libxl needs to own SIGCHLD "
                 "(selective reaping): use asyncio's default child watcher instead"
@@ -145,7 +145,13 @@ class Libxl:
             raise LibxlError("libxl_ctx_alloc", rc, detail)
         self._ctx = pctx[0]
         self._logger = logger
-        lib.dispoold_childproc_setmode(self._ctx)
+        lib.dispoold_childproc_setmode(self._ctx, 1 if mainloop else 0)
+        self.mainloop = mainloop
+
+    def sigchld_occurred(self) -> None:
+        """Let libxl reap whichever of its children have exited (mainloop mode)."""
+        if self._ctx is not None and self.mainloop:
+            self._lib.libxl_childproc_sigchld_occurred(self._ctx)
 
     def close(self) -> None:
         if self._ctx is not None:

@@ -48,6 +48,8 @@ class XenBackendOptions(BaseModel):
     #: domain info, memory), so that they never queue behind a domain build holding
     #: the first context's lock for seconds. ``shared``: one context for everything.
     control_context: Literal["shared", "separate"] = "separate"
+    #: How libxl learns that its children exited (see dispoold/xen/libxl.py, "SIGCHLD").
+    sigchld: Literal["mainloop", "selective_reap"] = "mainloop"
     #: Threads for domain builds and destroys (quick operations have their own).
     build_threads: Annotated[int, Field(ge=1, le=64)] = 4
 
