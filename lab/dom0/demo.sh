@@ -7,7 +7,7 @@ TEMPLATE=lab-dvm
 POOL=2
 FILL_TIMEOUT=900   # seconds; a guest boot under emulation on a busy host can take minutes
 
-step() { printf '\n\033[1m== [%4d s] %s\033[0m\n' "$SECONDS" "$*"; }
+step() { printf '\n== [%4d s] %s\n' "$SECONDS" "$*"; }
 
 # paused_preloads: how many of the template's disposables are preloaded and paused
 paused_preloads() {

@@ -22,8 +22,8 @@ import pytest
 GUEST_DIR = Path("/var/lib/dispoold-lab/guest")
 #: ~10 s from create to data/ready on an idle machine (XENLAB.md); the lab often shares
 #: a loaded host, where everything under emulation takes several times longer.
-READY_TIMEOUT = 300.0
-BALLOON_TIMEOUT = 120.0
+READY_TIMEOUT = 600.0
+BALLOON_TIMEOUT = 300.0
 MIB = 1024  # KiB
 
 
