@@ -19,17 +19,20 @@ handles SIGCHLD. Of libxl's modes (libxl_event.h, "Subprocess handling"):
   libxl has one: it would steal the exit status of asyncio's children.
 - ``libxl_sigchld_owner_libxl_always`` reaps every child, always: the same, worse.
 - ``libxl_sigchld_owner_libxl_always_selective_reap``: libxl keeps a C SIGCHLD handler
-  installed and reaps only its own children by pid. It was the first choice, and it
-  does not fight asyncio; but every lab run in that mode crashed the Python process
-  (SIGSEGV on the main thread, at random points, each time shortly after a libxl
-  destroy had forked and reaped its child). It remains as ``sigchld = "selective_reap"``.
+  installed and reaps only its own children by pid. It does not fight asyncio either,
+  and stays available as ``sigchld = "selective_reap"``.
 - ``libxl_sigchld_owner_mainloop`` (chosen): libxl installs no handler and never touches
   SIGCHLD; the application tells it when children may have exited by calling
   ``libxl_childproc_sigchld_occurred``, which reaps libxl's own children by pid and
   nothing else. :class:`dispoold.xen.connection.XenConnection` does so from a small
   thread, every 10 ms while a create or destroy is in flight and every second
-  otherwise: a destroy's child is noticed within 10 ms, no signal handler is involved,
-  and nobody else's children are touched.
+  otherwise: no signal handler runs inside the Python process at all, whoever else
+  installs one, and nobody else's children are touched.
+
+Open problem (see the report of issue 5): in the lab, a process that has created and
+destroyed a few domains through libxl dies of SIGSEGV on its main thread at a random
+later point (during garbage collection, compile, ...), in both SIGCHLD modes: a heap
+corruption whose source is not found yet.
 """
 
 from __future__ import annotations
