@@ -104,7 +104,6 @@ def test_groups_resolve_or_name_the_field() -> None:
     assert resolve_group(DaemonSettings(group="daemon"), "f.toml") == 1
     assert resolve_group(DaemonSettings(group="4242"), "f.toml") == 4242
     assert resolve_group(DaemonSettings(group=""), "f.toml") is None
-    assert resolve_group(DaemonSettings(group=None), "f.toml") is None
     with pytest.raises(ConfigError, match=r"f\.toml: daemon\.group: no group named 'nope'"):
         resolve_group(DaemonSettings(group="nope"), "f.toml")
 
