@@ -25,11 +25,6 @@ READY_TIMEOUT = 240.0
 LOG = logging.getLogger("dispoold.test.xen")
 
 
-def in_dom0() -> bool:
-    capabilities = Path("/proc/xen/capabilities")
-    return capabilities.exists() and "control_d" in capabilities.read_text()
-
-
 def template(**changes: object) -> TemplateSettings:
     settings: dict[str, object] = {
         "kernel": GUEST / "vmlinuz",
