@@ -29,44 +29,22 @@ handles SIGCHLD. Of libxl's modes (libxl_event.h, "Subprocess handling"):
   otherwise: no signal handler runs inside the Python process at all, whoever else
   installs one, and nobody else's children are touched.
 
-Open problem (see the report of issue 5): in the lab, a process that has created and
-destroyed a few domains through libxl dies of SIGSEGV on its main thread at a random
-later point (during garbage collection, compile, ...), in both SIGCHLD modes: a heap
-corruption whose source is not found yet.
+What once looked like heap corruption in this process was not ours: while the QEMU
+lab's emulated CPU offered XSAVE (which Xen uses to switch vector state between
+domains), dom0's processes saw corrupted data: ``xl`` alone read a valid kernel as
+corrupt, processes died in memcpy wherever they were. Without XSAVE the same work runs
+clean (lab/README.md, Known problems). libxl's contexts are
+thread-safe; calls on the two contexts are not serialized against each other.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 INVALID_DOMID = 0xFFFFFFFF
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Every libxl call of the process, on any context, runs under this lock, except
-#: libxl_childproc_sigchld_occurred (which must run while a synchronous call waits for
-#: its child). libxl documents its contexts as thread-safe; but the lab's processes
-#: that overlapped libxl calls on two contexts crashed with a corrupted heap (and once
-#: failed to decompress a valid kernel), while one that made them one at a time did
-#: not. Until that is understood, one call at a time: a quick operation waits for a
-#: build in progress.
-LIBXL_LOCK = threading.RLock()
-
-
-def serialized(method: F) -> F:
-    @functools.wraps(method)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with LIBXL_LOCK:
-            return method(*args, **kwargs)
-
-    return locked  # type: ignore[return-value]
-
 
 #: xentoollog levels (xentoollog.h)
 LOG_LEVELS = {"debug": 1, "info": 5, "warning": 7, "error": 8, "none": 0}
@@ -150,7 +128,6 @@ class Libxl:
 
     # -- context --------------------------------------------------------------------
 
-    @serialized
     def open(self, stderr_level: str = "warning", *, mainloop: bool = True) -> None:
         """Allocate the context. Raises :class:`LibxlError` (not in dom0, no toolstack)
         or :class:`RuntimeError` (a SIGCHLD handler that libxl cannot live with)."""
@@ -182,7 +159,6 @@ class Libxl:
         if self._ctx is not None and self.mainloop:
             self._lib.libxl_childproc_sigchld_occurred(self._ctx)
 
-    @serialized
     def close(self) -> None:
         if self._ctx is not None:
             self._lib.libxl_ctx_free(self._ctx)
@@ -197,7 +173,6 @@ class Libxl:
 
     # -- queries --------------------------------------------------------------------
 
-    @serialized
     def domain_info(self, domid: int) -> DomInfo | None:
         """The domain's state, or None when it does not exist."""
         ffi, lib = self._ffi, self._lib
@@ -212,7 +187,6 @@ class Libxl:
         finally:
             lib.libxl_dominfo_dispose(info)
 
-    @serialized
     def list_domains(self) -> list[DomInfo]:
         """Every domain, in one hypercall-sized call."""
         ffi, lib = self._ffi, self._lib
@@ -226,13 +200,11 @@ class Libxl:
         finally:
             lib.libxl_dominfo_list_free(infos, count[0])
 
-    @serialized
     def name_to_domid(self, name: str) -> int | None:
         domid = self._ffi.new("uint32_t *")
         rc = self._lib.libxl_name_to_domid(self._ctx, name.encode(), domid)
         return None if rc else int(domid[0])
 
-    @serialized
     def free_memory_kib(self) -> int:
         memkb = self._ffi.new("uint64_t *")
         rc = self._call("libxl_get_free_memory", self._lib.libxl_get_free_memory, self._ctx, memkb)
@@ -241,7 +213,6 @@ class Libxl:
 
     # -- operations -----------------------------------------------------------------
 
-    @serialized
     def pause(self, domid: int) -> None:
         lib = self._lib
         rc = self._call(
@@ -249,7 +220,6 @@ class Libxl:
         )
         self._check("libxl_domain_pause", rc)
 
-    @serialized
     def unpause(self, domid: int) -> None:
         lib = self._lib
         rc = self._call(
@@ -257,7 +227,6 @@ class Libxl:
         )
         self._check("libxl_domain_unpause", rc)
 
-    @serialized
     def destroy(self, domid: int) -> bool:
         """Destroy the domain; False if it did not exist."""
         lib = self._lib
@@ -271,7 +240,6 @@ class Libxl:
         self._check("libxl_domain_destroy", rc)
         return True
 
-    @serialized
     def set_memory_target(self, domid: int, kib: int) -> None:
         """The balloon target, enforced (Xen's maxmem follows it, as ``xl mem-set`` does)."""
         lib = self._lib
@@ -280,7 +248,6 @@ class Libxl:
         )
         self._check("libxl_set_memory_target", rc)
 
-    @serialized
     def create(self, spec: DomainSpec) -> tuple[int, bytes]:
         """Build the domain and leave it paused (libxl creates domains paused; xl
         unpauses them afterwards unless asked not to). Returns ``(domid, uuid)``.
