@@ -187,6 +187,7 @@ def unit_properties(unit: str, *names: str) -> dict[str, str]:
 
 @pytest.mark.usefixtures("dispoold_service")
 def test_dispoold_service_starts_ready_and_stops_cleanly() -> None:
+    before = xl_domains()
     # Type=notify: `systemctl start` returns once the daemon sent READY=1.
     start = systemctl("start", "dispoold")
     assert start.returncode == 0, f"{start.stderr}\n{journal('dispoold')}"
@@ -207,6 +208,8 @@ def test_dispoold_service_starts_ready_and_stops_cleanly() -> None:
     status = systemctl("status", "--no-pager", "dispoold")
     assert status.returncode == 3  # LSB: the program is not running
     assert "inactive (dead)" in status.stdout
+    # The preloads it had begun (stopped mid-creation) were destroyed, not left behind.
+    assert xl_domains() == before, journal("dispoold")
 
 
 def test_guest_reports_ready_and_memory_through_xenstore(guest: Guest) -> None:

@@ -251,7 +251,7 @@ async def test_domains_without_our_marker_are_left_alone(
     config = tmp_path / f"{name}.cfg"
     config.write_text(
         f'name = "{name}"\ntype = "pv"\nkernel = "{GUEST / "vmlinuz"}"\n'
-        f'ramdisk = "{GUEST / "initrd.img"}"\nmemory = 64\n'
+        f'ramdisk = "{GUEST / "initrd.img"}"\nmemory = 128\n'
     )
     xl("create", "-p", str(config))  # paused: never boots, costs no CPU
     try:
