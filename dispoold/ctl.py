@@ -218,9 +218,61 @@ def format_status(status: StatusResult, now: float | None = None) -> str:
         ).rstrip()
         for row in (header, *rows)
     ]
-    memory = " ".join(f"{key}={value}" for key, value in sorted(status.memory.items()))
-    lines.append(f"memory: {memory or '-'}")
+    lines.extend(format_memory(status.memory))
     return "\n".join(lines)
+
+
+#: How many of the memory manager's latest shrinks the table shows.
+SHOWN_SHRINKS = 3
+
+
+def format_memory(memory: dict[str, Any]) -> list[str]:
+    """The ``memory`` part of a status reply, for people: the figures the built-in
+    managers report in words, anything else (an out-of-tree manager's) as key=value."""
+    rest = dict(memory)
+    figures = [
+        f"{value} MiB {label}"
+        for key, label in (
+            ("free_mib", "free"),
+            ("available_mib", "available"),
+            ("threshold_mib", "kept free (threshold)"),
+            ("host_reserve_mib", "reserved for the host"),
+        )
+        if (value := rest.pop(key, None)) is not None
+    ]
+    manager = rest.pop("manager", None)
+    lead = f"memory ({manager})" if manager else "memory"
+    lines = [f"{lead}: {', '.join(figures) or '-'}"]
+    if "qmemman_reachable" in rest:
+        reachable = rest.pop("qmemman_reachable")
+        socket = rest.pop("socket", "?")
+        lines.append(f"  qmemman at {socket}: {'reachable' if reachable else 'NOT reachable'}")
+    domains = rest.pop("domains", None)
+    if isinstance(domains, dict) and domains:
+        lines.append("  domains: " + ", ".join(f"{n} {state}" for state, n in domains.items()))
+    shrinks = rest.pop("shrinks", None)
+    if isinstance(shrinks, list):
+        for shrink in shrinks[-SHOWN_SHRINKS:]:
+            lines.append("  shrink " + _format_shrink(shrink))
+    if (error := rest.pop("last_error", None)) is not None:
+        lines.append(f"  last error: {error}")
+    if rest:
+        lines.append("  " + " ".join(f"{key}={value}" for key, value in sorted(rest.items())))
+    return lines
+
+
+def _format_shrink(shrink: Any) -> str:
+    if not isinstance(shrink, dict):
+        return str(shrink)
+    name, outcome = shrink.get("name", "?"), shrink.get("outcome", "?")
+    seconds = shrink.get("seconds")
+    took = "" if seconds is None else f" in {seconds:.1f} s"
+    if shrink.get("error"):
+        return f"{name}: {outcome}{took}: {shrink['error']}"
+    return (
+        f"{name}: {outcome}{took}, {shrink.get('actual_mib', '?')} MiB "
+        f"(target {shrink.get('target_mib', '?')} MiB)"
+    )
 
 
 def format_age(seconds: float) -> str:

@@ -58,7 +58,7 @@ def test_status_is_a_table(daemon: DaemonProcess) -> None:
     fedora = [line for line in lines if line.startswith("fedora-dvm")]
     assert len(fedora) == 1 and fedora[0].split()[1:3] == ["2", "0"]
     assert "paused" in out
-    assert lines[-1].startswith("memory: ")
+    assert any(line.startswith("memory") for line in lines)
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -239,6 +239,45 @@ def test_the_console_script_documents_its_exit_codes() -> None:
         assert code in done.stdout
 
 
+def test_the_memory_figures_read_as_words() -> None:
+    lines = ctl.format_memory(
+        {
+            "manager": "balancer",
+            "free_mib": 1748,
+            "available_mib": 1700,
+            "threshold_mib": 0,
+            "domains": {"starting": 0, "excluded": 2, "included": 1},
+            "shrinks": [
+                {
+                    "name": f"disp{n}",
+                    "outcome": "converged",
+                    "target_mib": 96,
+                    "actual_mib": 97,
+                    "seconds": 12.34,
+                    "error": None,
+                }
+                for n in range(5)
+            ]
+            + [{"name": "disp9", "outcome": "failed", "seconds": None, "error": "gone"}],
+            "last_error": "gone",
+            "extra": 1,
+        }
+    )
+    assert lines == [
+        "memory (balancer): 1748 MiB free, 1700 MiB available, 0 MiB kept free (threshold)",
+        "  domains: 0 starting, 2 excluded, 1 included",
+        "  shrink disp3: converged in 12.3 s, 97 MiB (target 96 MiB)",
+        "  shrink disp4: converged in 12.3 s, 97 MiB (target 96 MiB)",
+        "  shrink disp9: failed: gone",
+        "  last error: gone",
+        "  extra=1",
+    ]
+    assert ctl.format_memory({"qmemman_reachable": False, "socket": "/q.sock"}) == [
+        "memory: -",
+        "  qmemman at /q.sock: NOT reachable",
+    ]
+
+
 def test_the_status_table_renders_ages_and_blanks() -> None:
     status = StatusResult.model_validate(
         {
@@ -274,5 +313,5 @@ def test_the_status_table_renders_ages_and_blanks() -> None:
     assert lines[1].split() == ["empty", "0", "0", "-"]
     assert lines[2].split() == ["t", "2", "1", "disp1", "7", "paused", "1m05s", "410", "MiB"]
     assert lines[3].split() == ["disp2", "-", "preload", "3h01m", "-"]
-    assert lines[4] == "memory: free_mib=100"
+    assert lines[4] == "memory: 100 MiB free"
     assert [ctl.format_age(s) for s in (-1.0, 5.0, 86400 * 2 + 3600)] == ["-", "5s", "2d01h"]
