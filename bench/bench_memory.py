@@ -127,9 +127,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 preferred_floor_mib=args.floor,
                 check_period=args.check_period,
                 check_mib_s=args.check_mib_s,
+                check_window=args.window,
             )
             balancer = Balancer(settings, backend)
-            balancer.rate_window = args.window
             await balancer.open()
             runs = []
             for _ in range(args.preloads):

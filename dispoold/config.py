@@ -72,9 +72,13 @@ class MemorySettings(_Table):
     preferred_floor_mib: Mib = 200
     #: A domain has converged when actual / target <= this (qmemman: 1.1).
     convergence_ratio: float = Field(1.1, ge=1.0)
-    #: After this many seconds, give up when the last second moved less than check_mib_s.
+    #: After check_period seconds, give up on a shrink when the last check_window seconds
+    #: moved less than check_mib_s MiB per second (qmemman: 3 s, 1 s, 100 MiB/s).
     check_period: float = Field(3.0, gt=0)
+    check_window: float = Field(1.0, gt=0)
     check_mib_s: Mib = 100
+    #: How often a shrinking domain's size is read (qmemman: 0.1 s).
+    poll_interval: float = Field(0.1, gt=0)
     #: Memory dom0 and the host keep for themselves; the balancer never hands it out.
     host_reserve_mib: Mib = 0
 

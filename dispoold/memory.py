@@ -46,9 +46,6 @@ MIB: Final = 1024 * 1024
 #: 4 MiB plus 1.5 MiB per vCPU (OpenStack's measured overhead); the engine passes the
 #: guest's size only, so one vCPU's worth is added, rounded up.
 DOMAIN_OVERHEAD_MIB: Final = 6
-#: qmemman's poll interval (BALLOON_DELAY) and the window its progress rule looks at.
-POLL_INTERVAL: Final = 0.1
-RATE_WINDOW: Final = 1.0
 #: How many recent shrinks :meth:`MemoryManager.status` reports.
 SHRINK_HISTORY: Final = 16
 #: qmemman's longest answer is ``INVALID_ARG\n``; a longer line is not qmemman talking.
@@ -156,13 +153,13 @@ def preferred_mib(used_mib: int, maxmem_mib: int, settings: MemorySettings) -> i
 class Progress:
     """qmemman's give-up rule for something that should keep going down (a domain's
     actual size while it shrinks, the shortfall of free memory while domains give some
-    back): after ``check_period`` seconds, give up when the last ``window`` seconds moved
+    back): after ``check_period`` seconds, give up when the last ``check_window`` seconds moved
     less than ``check_mib_s`` MiB per second."""
 
-    def __init__(self, settings: MemorySettings, started: float, window: float) -> None:
+    def __init__(self, settings: MemorySettings, started: float) -> None:
         self._check_period = settings.check_period
         self._min_rate = settings.check_mib_s
-        self._window = window
+        self._window = settings.check_window
         self._started = started
         self._samples: collections.deque[tuple[float, float]] = collections.deque()
 
@@ -226,9 +223,6 @@ class _ManagerBase:
     def __init__(self, settings: MemorySettings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        #: Tests and the benchmark shorten these; production keeps qmemman's values.
-        self.poll_interval = POLL_INTERVAL
-        self.rate_window = RATE_WINDOW
         self._domains: dict[str, _Domain] = {}
         self._shrinks: collections.deque[ShrinkRecord] = collections.deque(maxlen=SHRINK_HISTORY)
         self._last_available_mib: int | None = None
@@ -264,7 +258,7 @@ class _ManagerBase:
         """Poll the domain's actual size until actual / target <= ratio (True) or the
         progress rule gives up (False). Returns the last actual size."""
         loop = asyncio.get_running_loop()
-        progress = Progress(self.settings, loop.time(), self.rate_window)
+        progress = Progress(self.settings, loop.time())
         limit = max(target_mib, 1) * self.settings.convergence_ratio
         while True:
             info = await self._memory(name, "shrink")
@@ -272,7 +266,7 @@ class _ManagerBase:
                 return info.actual_mib, True
             if progress.stalled(loop.time(), info.actual_mib):
                 return info.actual_mib, False
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(self.settings.poll_interval)
 
     def _record(self, record: ShrinkRecord) -> None:
         self._shrinks.append(record)
@@ -688,14 +682,14 @@ class Balancer(_ManagerBase):
             log.info("%s: taking %d MiB back from %s", what, info.actual_mib - target, donor)
             await self._set_target(donor, target)
         loop = asyncio.get_running_loop()
-        progress = Progress(self.settings, loop.time(), self.rate_window)
+        progress = Progress(self.settings, loop.time())
         while (free := await self._free_mib()) < need:
             if progress.stalled(loop.time(), need - free):
                 raise NoMemory(
                     f"{what}: running disposables gave memory back too slowly ({free} MiB "
                     f"free, {need} MiB needed)"
                 )
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(self.settings.poll_interval)
 
     def _want_give_back(self, names: Iterable[str]) -> None:
         self._give_back_wanted.update(names)

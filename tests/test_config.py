@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from dispoold.config import Config, ConfigError, load, parse
 
@@ -95,3 +97,30 @@ def test_a_template_fingerprint_follows_its_definition_and_its_files(tmp_path: P
     assert template.fingerprint() != after_disk
     changed = Config.model_validate({"templates": {"t": {"kernel": str(kernel), "memory": 500}}})
     assert changed.templates["t"].fingerprint() != template.fingerprint()
+
+
+def test_the_shipped_sample_documents_every_setting() -> None:
+    """etc/dispoold.toml promises to show every key: a new setting must be added there."""
+    from dispoold import config
+    from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
+
+    sample = (Path(__file__).parent.parent / "etc" / "dispoold.toml").read_text()
+    shown = set(re.findall(r"^#?\s*([a-z_]+)\s*=", sample, re.MULTILINE))
+    shown |= set(re.findall(r"\{ ([a-z_]+) =", sample))
+    tables: list[type[BaseModel]] = [
+        config.DaemonSettings,
+        config.BackendSettings,
+        config.MemorySettings,
+        config.PoolSettings,
+        config.TemplateSettings,
+        config.SourceSettings,
+        XenBackendOptions,
+        XenTemplateOptions,
+    ]
+    missing = {
+        f"{table.__name__}.{key}"
+        for table in tables
+        for key in table.model_fields
+        if key not in shown and key != "options"
+    }
+    assert not missing, f"not in etc/dispoold.toml: {sorted(missing)}"

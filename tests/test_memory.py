@@ -66,26 +66,26 @@ def feed(progress: Progress, levels: list[float], step: float = 0.1) -> int | No
 
 def test_no_give_up_before_the_check_period() -> None:
     # Not moving at all, but qmemman waits 3 s before judging.
-    assert feed(Progress(QUBES, 0.0, 1.0), [1000.0] * 30) is None
-    assert feed(Progress(QUBES, 0.0, 1.0), [1000.0] * 31) == 30
+    assert feed(Progress(QUBES, 0.0), [1000.0] * 30) is None
+    assert feed(Progress(QUBES, 0.0), [1000.0] * 31) == 30
 
 
 def test_give_up_when_the_last_second_moved_too_little() -> None:
     slow = [1000.0 - 9.0 * i for i in range(40)]  # 90 MiB/s < 100
-    assert feed(Progress(QUBES, 0.0, 1.0), slow) == 30
+    assert feed(Progress(QUBES, 0.0), slow) == 30
     fast = [4000.0 - 11.0 * i for i in range(100)]  # 110 MiB/s: keeps going
-    assert feed(Progress(QUBES, 0.0, 1.0), fast) is None
+    assert feed(Progress(QUBES, 0.0), fast) is None
 
 
 def test_only_the_last_second_counts() -> None:
     # Fast for 2.5 s, then stuck: given up one second after it stopped, not before.
     levels = [3000.0 - 400.0 * i for i in range(25)] + [-6600.0] * 20
-    gave_up = feed(Progress(QUBES, 0.0, 1.0), levels)
+    gave_up = feed(Progress(QUBES, 0.0), levels)
     assert gave_up is not None
     assert 30 <= gave_up <= 35
 
 
 def test_zero_rate_still_gives_up_on_no_movement() -> None:
     lazy = QUBES.model_copy(update={"check_mib_s": 0})
-    assert feed(Progress(lazy, 0.0, 1.0), [1000.0] * 40) == 30
-    assert feed(Progress(lazy, 0.0, 1.0), [1000.0 - i for i in range(40)]) is None
+    assert feed(Progress(lazy, 0.0), [1000.0] * 40) == 30
+    assert feed(Progress(lazy, 0.0), [1000.0 - i for i in range(40)]) is None

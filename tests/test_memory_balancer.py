@@ -22,13 +22,17 @@ from tests.memory_doubles import BalloonBackend
 # Real time, shrunk: qmemman's 0.1 s poll, 1 s window and 3 s check period become
 # 0.01 s, 0.1 s and 0.3 s. A "slow" balloon moves at half the give-up rate.
 CHECK_PERIOD = 0.3
-SETTINGS = MemorySettings(manager="balancer", check_period=CHECK_PERIOD, check_mib_s=100)
+SETTINGS = MemorySettings(
+    manager="balancer",
+    check_period=CHECK_PERIOD,
+    check_window=0.1,
+    check_mib_s=100,
+    poll_interval=0.01,
+)
 
 
 def make_balancer(backend: BalloonBackend, settings: MemorySettings = SETTINGS) -> Balancer:
     balancer = Balancer(settings, backend)
-    balancer.poll_interval = 0.01
-    balancer.rate_window = 0.1
     return balancer
 
 

@@ -48,6 +48,8 @@ def settings(rundir: Path) -> MemorySettings:
         qmemman_connect_timeout=0.5,
         qmemman_answer_timeout=0.5,
         check_period=0.3,
+        check_window=0.1,
+        poll_interval=0.01,
     )
 
 
@@ -78,8 +80,6 @@ async def server(settings: MemorySettings, backend: BalloonBackend) -> AsyncIter
 @pytest.fixture
 def client(settings: MemorySettings, backend: BalloonBackend) -> QmemmanClient:
     client = QmemmanClient(settings, backend)
-    client.poll_interval = 0.01
-    client.rate_window = 0.1
     return client
 
 

@@ -40,9 +40,12 @@ MEMORY = 128
 #: qmemman's rule (100 MiB/s over the last second, after 3 s) gives up on every shrink.
 #: The lab judges progress over 10 s windows and gives up only when the balloon stops.
 SETTINGS = MemorySettings(
-    manager="balancer", preferred_floor_mib=FLOOR, check_period=60.0, check_mib_s=0
+    manager="balancer",
+    preferred_floor_mib=FLOOR,
+    check_period=60.0,
+    check_window=10.0,
+    check_mib_s=0,
 )
-RATE_WINDOW = 10.0
 
 
 def template(memory: int = MEMORY) -> TemplateSettings:
@@ -72,7 +75,6 @@ async def backend() -> AsyncIterator[Backend]:
 @pytest_asyncio.fixture
 async def balancer(backend: Backend) -> AsyncIterator[Balancer]:
     balancer = Balancer(SETTINGS, backend)
-    balancer.rate_window = RATE_WINDOW
     await balancer.open()
     yield balancer
     await balancer.close()
