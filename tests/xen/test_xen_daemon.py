@@ -25,6 +25,9 @@ pytestmark = pytest.mark.xen
 
 UNIT = "dispoold"
 POOL = 2
+#: The lab configuration's preferred_floor_mib and the default convergence_ratio.
+SHRUNK_MIB = 96
+CONVERGENCE = 1.1
 #: A boot under emulation on a loaded host takes up to a few minutes.
 FILL_TIMEOUT = 600.0
 
@@ -101,10 +104,14 @@ def service() -> Iterator[None]:
             subprocess.run(["xl", "destroy", name], check=False, capture_output=True)
 
 
-def test_ready_preloads_are_paused(service: None) -> None:
+def test_ready_preloads_are_paused_and_shrunk(service: None) -> None:
     seconds = wait_until("2 paused preloads", pool_full)
     LOG.info("pool of %d filled %.1f s after the service started", POOL, seconds)
     accounted()
+    # lab/dom0/dispoold.toml: 128 MiB guests, shrunk to the 96 MiB floor before the pause.
+    for d in disposables():
+        assert d["memory_mib"] <= SHRUNK_MIB * CONVERGENCE, d
+        assert "note" not in d, d  # no failed or given-up shrink
 
 
 def test_request_returns_an_unpaused_disposable_and_the_pool_refills(service: None) -> None:
@@ -148,9 +155,8 @@ def test_kill_mid_preload_then_restart_recovers(service: None) -> None:
     )
     wait_until("the socket answering", _answers, 120)
     # Paused preloads were adopted as they were; the half-started ones were destroyed.
-    assert paused <= by_stage("paused") | {d["name"] for d in disposables()}
-    for name in paused:
-        assert name in xl_names()
+    assert paused <= by_stage("paused")
+    assert paused <= paused_in_xen(paused)
     for name in starting:
         assert name not in {d["name"] for d in disposables()} or name in by_stage("paused")
     # The handed-out disposable is still its caller's: it can be released.
