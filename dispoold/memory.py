@@ -29,7 +29,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
-from dispoold.backend import Backend, BackendError, MemoryInfo, import_from_string
+from dispoold.backend import (
+    Backend,
+    BackendError,
+    MemoryInfo,
+    NoSuchDomain,
+    import_from_string,
+)
 from dispoold.config import MemorySettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,10 @@ class MemoryManagerError(Exception):
 
 class NoMemory(MemoryManagerError):
     """The host cannot free enough memory for a new domain."""
+
+
+class _Vanished(MemoryManagerError):
+    """The domain a memory operation was about is gone (destroyed, or shut down)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +118,8 @@ class MemoryManager(Protocol):
         later :meth:`include` gives the domain its memory back."""
 
     def exclude(self, name: str) -> None:
-        """The domain is paused: never hand it memory until :meth:`include`
-        (Qubes #11121)."""
+        """The domain is paused (Qubes #11121) or being destroyed: never hand it memory
+        until :meth:`include`."""
 
     def include(self, name: str) -> None:
         """The domain has been handed out: it takes part in balancing again, and gets
@@ -250,6 +260,8 @@ class _ManagerBase:
     async def _memory(self, name: str, what: str) -> MemoryInfo:
         try:
             info = await self.backend.memory(name)
+        except NoSuchDomain as exc:
+            raise _Vanished(f"{what} {name}: {exc}") from None
         except BackendError as exc:
             raise MemoryManagerError(f"{what} {name}: {exc}") from None
         return info
@@ -644,6 +656,8 @@ class Balancer(_ManagerBase):
         future.add_done_callback(_consume_exception)
         try:
             await asyncio.shield(future)
+        except NoSuchDomain as exc:
+            raise _Vanished(f"set memory of {name} to {mib} MiB: {exc}") from None
         except BackendError as exc:
             raise MemoryManagerError(f"set memory of {name} to {mib} MiB: {exc}") from None
 
@@ -701,14 +715,17 @@ class Balancer(_ManagerBase):
 
     async def _give_back(self) -> None:
         """Hand included domains what they were created with, as far as free memory
-        allows, under the allocation lock (a creation's memory is never handed out)."""
-        try:
-            async with self._lock:
-                while self._give_back_wanted:
-                    name = self._give_back_wanted.pop()
+        allows, under the allocation lock (a creation's memory is never handed out).
+        One domain that cannot take it does not keep the others from getting theirs."""
+        async with self._lock:
+            while self._give_back_wanted:
+                name = self._give_back_wanted.pop()
+                try:
                     await self._give_back_one(name)
-        except MemoryManagerError as exc:
-            log.warning("giving memory back: %s", exc)
+                except _Vanished:
+                    log.debug("giving memory back: %s is gone", name)
+                except MemoryManagerError as exc:
+                    log.warning("giving memory back: %s", exc)
 
     async def _give_back_one(self, name: str) -> None:
         domain = self._domains.get(name)

@@ -725,6 +725,7 @@ class Pool:
 
         ``refill``: ``d`` was a pool member, so its template may be short of one now.
         """
+        self._memory.exclude(d.name)  # no memory for a domain on its way out
         while d.domid is not None:  # no domid: its creation failed, and left nothing
             try:
                 await self._backend.destroy(d.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -258,6 +259,30 @@ async def test_forget_gives_squeezed_disposables_their_memory_back(
     balancer.forget("disp3")
     await asyncio.sleep(0.2)
     assert [(await backend.memory(n)).target_mib for n in ("disp1", "disp2")] == [1000, 1000]
+    await balancer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_squeezed_disposable_that_vanished_does_not_keep_the_others_waiting(
+    backend: BalloonBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend.options.host_mib = 3200
+    balancer = make_balancer(backend)
+    for name in ("disp1", "disp2", "disp3"):
+        await start(balancer, backend, name)
+        balancer.include(name)
+    async with balancer.allocation("disp4", 500):
+        await create(backend, "disp4", memory=500)
+    squeezed = [(await backend.memory(n)).target_mib for n in ("disp1", "disp3")]
+    assert all(target < 1000 for target in squeezed)
+    # disp2 goes away behind the balancer's back (shut down by its user) just as disp4's
+    # destruction frees memory: the others still get theirs back, and nobody is warned.
+    await backend.destroy("disp2")
+    await backend.destroy("disp4")
+    balancer.forget("disp4")
+    await asyncio.sleep(0.2)
+    assert [(await backend.memory(n)).target_mib for n in ("disp1", "disp3")] == [1000, 1000]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     await balancer.close()
 
 

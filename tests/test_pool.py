@@ -555,6 +555,25 @@ def test_release_destroys_a_handed_out_disposable_and_nothing_else(tmp_path: Pat
     run(scenario())
 
 
+def test_a_disposable_being_destroyed_takes_no_part_in_balancing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h = Harness(tmp_path)
+        await h.start()
+        await settle()
+        handout = await h.pool.request("@dispvm")
+        assert handout.name in h.memory.included
+        h.backend.options.op_delay = 1.0  # the destroy takes a while
+        releasing = asyncio.ensure_future(h.pool.release(handout.name))
+        await asyncio.sleep(0.5)
+        # No memory may be handed to a domain on its way out.
+        assert handout.name in h.memory.excluded and handout.name not in h.memory.included
+        await releasing
+        assert handout.name not in h.memory.excluded | h.memory.included
+        await h.stop()
+
+    run(scenario())
+
+
 def test_a_handed_out_disposable_that_shuts_down_is_cleaned_up(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path)
