@@ -31,14 +31,14 @@ OWNER = "dispoold-test-memory"
 POOL_OWNER = "dispoold-test-pool"
 LOG = logging.getLogger("dispoold.test.xen.memory")
 #: The lab's guest uses ~26 MiB and dies when ballooned below ~60 MiB (XENLAB.md), so the
-#: floor stands in for qmemman's 200 MiB, and the guest is small enough that a shrink
-#: (128 -> 96 MiB) takes seconds, not minutes, under emulation.
+#: floor stands in for qmemman's 200 MiB.
 FLOOR = 96
 MEMORY = 128
-#: Under emulation on a shared host the balloon moves in bursts, ~1.5 MiB/s on average
-#: (bench_memory: 256 -> 102 MiB in 100-140 s) with pauses of several seconds, so
-#: qmemman's rule (100 MiB/s over the last second, after 3 s) gives up on every shrink.
-#: The lab judges progress over 10 s windows and gives up only when the balloon stops.
+#: With the lab to itself a balloon moves fast (bench_memory: 256 -> 96 MiB in about
+#: 1 s), but the lab shares its host, and under emulation a busy host slows everything
+#: several times: qmemman's rule (100 MiB/s over the last second, after 3 s) could give
+#: up on a shrink that is merely slow. The lab judges progress over 10 s windows and
+#: gives up only when the balloon stops (bench_memory measures qmemman's rule itself).
 SETTINGS = MemorySettings(
     manager="balancer",
     preferred_floor_mib=FLOOR,
