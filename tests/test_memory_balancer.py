@@ -33,8 +33,7 @@ SETTINGS = MemorySettings(
 
 
 def make_balancer(backend: BalloonBackend, settings: MemorySettings = SETTINGS) -> Balancer:
-    balancer = Balancer(settings, backend)
-    return balancer
+    return Balancer(settings, backend)
 
 
 async def create(backend: BalloonBackend, name: str, memory: int = 1000) -> None:
