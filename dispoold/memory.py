@@ -676,7 +676,10 @@ class Balancer(_ManagerBase):
         for donor, domain in list(self._domains.items()):
             if domain.state is not _DomainState.INCLUDED:
                 continue  # starting ones are about to shrink; paused ones cannot give
-            info = await self._memory(donor, "reclaim from")
+            try:
+                info = await self._memory(donor, "reclaim from")
+            except _Vanished:
+                continue  # gone meanwhile: what it held is free now, or soon
             if info.used_mib is None:
                 continue
             spare = info.actual_mib - preferred_mib(info.used_mib, info.maxmem_mib, self.settings)
@@ -694,7 +697,10 @@ class Balancer(_ManagerBase):
         for donor, info, spare in donors:
             target = info.actual_mib - math.ceil(spare * scale)
             log.info("%s: taking %d MiB back from %s", what, info.actual_mib - target, donor)
-            await self._set_target(donor, target)
+            try:
+                await self._set_target(donor, target)
+            except _Vanished:
+                log.debug("%s: %s is gone; its memory comes free anyway", what, donor)
         loop = asyncio.get_running_loop()
         progress = Progress(self.settings, loop.time())
         while (free := await self._free_mib()) < need:

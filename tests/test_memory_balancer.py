@@ -289,6 +289,21 @@ async def test_a_squeezed_disposable_that_vanished_does_not_keep_the_others_wait
 
 
 @pytest.mark.asyncio
+async def test_a_donor_that_vanished_does_not_fail_the_allocation(backend: BalloonBackend) -> None:
+    backend.options.host_mib = 3200
+    balancer = make_balancer(backend)
+    for name in ("disp1", "disp2", "disp3"):
+        await start(balancer, backend, name)
+        balancer.include(name)
+    # disp2 was shut down by its user; the engine has not heard of it yet.
+    await backend.destroy("disp2")
+    async with balancer.allocation("disp4", 1500):
+        await create(backend, "disp4", memory=1500)
+    assert (await backend.memory("disp4")).actual_mib == 1500
+    await balancer.close()
+
+
+@pytest.mark.asyncio
 async def test_allocation_serializes_creations(balancer: Balancer) -> None:
     inside: list[str] = []
     overlaps = 0
