@@ -163,8 +163,8 @@ def preferred_mib(used_mib: int, maxmem_mib: int, settings: MemorySettings) -> i
 class Progress:
     """qmemman's give-up rule for something that should keep going down (a domain's
     actual size while it shrinks, the shortfall of free memory while domains give some
-    back): after ``check_period`` seconds, give up when the last ``check_window`` seconds moved
-    less than ``check_mib_s`` MiB per second."""
+    back): after ``check_period`` seconds, give up when the last ``check_window`` seconds
+    moved less than ``check_mib_s`` MiB per second."""
 
     def __init__(self, settings: MemorySettings, started: float) -> None:
         self._check_period = settings.check_period

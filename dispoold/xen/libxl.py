@@ -33,8 +33,8 @@ What once looked like heap corruption in this process was not ours: while the QE
 lab's emulated CPU offered XSAVE (which Xen uses to switch vector state between
 domains), dom0's processes saw corrupted data: ``xl`` alone read a valid kernel as
 corrupt, processes died in memcpy wherever they were. Without XSAVE the same work runs
-clean (lab/README.md, Known problems). libxl's contexts are
-thread-safe; calls on the two contexts are not serialized against each other.
+clean (lab/README.md, Known problems). libxl's contexts are thread-safe; calls on the
+two contexts are not serialized against each other.
 """
 
 from __future__ import annotations
