@@ -40,7 +40,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def paused(pool: Pool) -> int:
-    return sum(1 for d in pool._books.values() if d.stage is Stage.PAUSED)
+    return sum(1 for d in pool.books if d.stage is Stage.PAUSED)
 
 
 async def wait_full(pool: Pool, size: int) -> None:

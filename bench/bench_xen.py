@@ -201,8 +201,8 @@ class Preloads:
         self.claimed = 0
 
     def paused(self) -> int:
-        (entry,) = self.pool.status("bench")["templates"]
-        return sum(1 for d in entry["disposables"] if d["stage"] == "paused")
+        (entry,) = self.pool.status("bench").templates
+        return sum(1 for d in entry.disposables if d.stage == "paused")
 
     async def claim(self, timeout: float) -> float:
         start = time.perf_counter()

@@ -13,9 +13,10 @@ in whatever order the daemon finishes them)::
             print(event.name, event.data)
 
 Errors the daemon answers with are :class:`RemoteError` subclasses carrying the wire
-code (``exc.code``); failing to reach the daemon is :class:`DaemonUnavailable`;
-``except NotAllowed`` catches both ways of being refused (socket permissions, or the
-daemon's ``unauthorized``).
+code (``exc.code``; ``exc.retry_later`` says whether the same call may succeed later);
+failing to reach the daemon is :class:`DaemonUnavailable`; ``except NotAllowed`` catches
+both ways of being refused (socket permissions, or the daemon's ``unauthorized``).
+Results are checked against the models of :data:`dispoold.protocol.OPERATIONS`.
 """
 
 from __future__ import annotations
@@ -30,19 +31,29 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
+
+from pydantic import ValidationError
 
 from dispoold.protocol import (
     HEADER,
     MAX_FRAME,
+    OPERATIONS,
+    PING,
+    REQUEST,
+    RETRY_LATER,
+    STATUS,
     ErrorCode,
+    ErrorReply,
+    EventReply,
     FrameError,
-    Handout,
-    PingResult,
-    StatusResult,
+    Operation,
+    Pong,
     pack_frame,
+    read_reply,
     unpack_body,
 )
+from dispoold.views import Handout, PoolView, View
 
 DEFAULT_SOCKET = Path("/run/dispoold/dispoold.sock")
 
@@ -53,6 +64,9 @@ def default_socket() -> Path:
 
 
 # -- errors -------------------------------------------------------------------------
+#
+# Named from the client's side (what happened to the call), so that they never read
+# like the daemon's own errors (dispoold.errors) in a grep or a review.
 
 
 class ClientError(Exception):
@@ -86,65 +100,107 @@ class RemoteError(ClientError):
         if code is not None:
             self.code = code
 
+    @property
+    def retry_later(self) -> bool:
+        """The same call may succeed if made again later (busy, out of memory, timed
+        out, the daemon stopping); otherwise something must change first."""
+        return self.code in RETRY_LATER
 
-class BadRequest(RemoteError):
+
+class InvalidRequest(RemoteError):
+    """The daemon refused the request's shape or values (``bad_request``)."""
+
     code = ErrorCode.BAD_REQUEST.value
 
 
-class UnknownOp(RemoteError):
+class UnsupportedOperation(RemoteError):
+    """This daemon does not know the operation (``unknown_op``)."""
+
     code = ErrorCode.UNKNOWN_OP.value
 
 
-class FrameTooLarge(RemoteError):
+class MessageTooLarge(RemoteError):
+    """A frame was over the size limit (``frame_too_large``)."""
+
     code = ErrorCode.FRAME_TOO_LARGE.value
 
 
-class Unauthorized(RemoteError, NotAllowed):
+class PermissionRefused(RemoteError, NotAllowed):
+    """The daemon does not allow this caller the operation (``unauthorized``)."""
+
     code = ErrorCode.UNAUTHORIZED.value
 
 
-class NoSuchTemplate(RemoteError):
+class UnknownTemplate(RemoteError):
+    """No such template, none with that tag, or no default one (``no_such_template``)."""
+
     code = ErrorCode.NO_SUCH_TEMPLATE.value
 
 
-class NotADispvmTemplate(RemoteError):
+class NotDisposableTemplate(RemoteError):
+    """The template exists but is not a disposable template (``not_a_dispvm_template``)."""
+
     code = ErrorCode.NOT_A_DISPVM_TEMPLATE.value
 
 
-class NoMemory(RemoteError):
+class OutOfMemory(RemoteError):
+    """The host cannot spare the memory for a disposable now (``no_memory``)."""
+
     code = ErrorCode.NO_MEMORY.value
 
 
-class Timeout(RemoteError):
+class TimedOut(RemoteError):
+    """No disposable within the request's timeout (``timeout``)."""
+
     code = ErrorCode.TIMEOUT.value
 
 
-class BackendError(RemoteError):
+class DaemonFailed(RemoteError):
+    """The hypervisor, the memory manager or the daemon itself failed (``backend_error``)."""
+
     code = ErrorCode.BACKEND_ERROR.value
 
 
-class NotFound(RemoteError):
+class UnknownDisposable(RemoteError):
+    """No handed-out disposable of that name (``not_found``)."""
+
     code = ErrorCode.NOT_FOUND.value
 
 
-class ShuttingDown(RemoteError):
+class DaemonStopping(RemoteError):
+    """The daemon is shutting down (``shutting_down``)."""
+
     code = ErrorCode.SHUTTING_DOWN.value
+
+
+class DaemonBusy(RemoteError):
+    """No room for this connection or request now (``busy``): try again later."""
+
+    code = ErrorCode.BUSY.value
+
+
+class SubscriptionCutOff(RemoteError):
+    """The subscriber read too slowly and its stream was ended (``cut_off``)."""
+
+    code = ErrorCode.CUT_OFF.value
 
 
 REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     cls.code: cls
     for cls in (
-        BadRequest,
-        UnknownOp,
-        FrameTooLarge,
-        Unauthorized,
-        NoSuchTemplate,
-        NotADispvmTemplate,
-        NoMemory,
-        Timeout,
-        BackendError,
-        NotFound,
-        ShuttingDown,
+        InvalidRequest,
+        UnsupportedOperation,
+        MessageTooLarge,
+        PermissionRefused,
+        UnknownTemplate,
+        NotDisposableTemplate,
+        OutOfMemory,
+        TimedOut,
+        DaemonFailed,
+        UnknownDisposable,
+        DaemonStopping,
+        DaemonBusy,
+        SubscriptionCutOff,
     )
 }
 
@@ -187,25 +243,32 @@ class _Reply:
 
 def _reply(body: bytes) -> _Reply:
     try:
-        message = unpack_body(body)
+        reply = read_reply(unpack_body(body))
     except FrameError as exc:
         raise ProtocolViolation(f"bad frame from dispoold: {exc}") from None
-    request_id = message.get("id")
-    if request_id is not None and type(request_id) is not int:
-        raise ProtocolViolation(f"reply id {request_id!r} is not an integer")
-    if "event" in message:
-        name, data = message.get("event"), message.get("data")
-        if not isinstance(name, str) or not isinstance(data, dict) or request_id is None:
-            raise ProtocolViolation("malformed event frame from dispoold")
-        return _Reply(request_id, event=Event(name, data))
-    if message.get("ok") is True and isinstance(message.get("result"), dict):
-        return _Reply(request_id, result=message["result"])
-    error = message.get("error")
-    if message.get("ok") is False and isinstance(error, dict):
-        code, text = error.get("code"), error.get("message")
-        if isinstance(code, str) and isinstance(text, str):
-            return _Reply(request_id, error=remote_error(code, text))
-    raise ProtocolViolation(f"malformed reply from dispoold: {sorted(map(str, message))}")
+    if isinstance(reply, EventReply):
+        return _Reply(reply.id, event=Event(reply.event, reply.data))
+    if isinstance(reply, ErrorReply):
+        return _Reply(reply.id, error=remote_error(reply.error.code, reply.error.message))
+    return _Reply(reply.id, result=reply.result)
+
+
+R = TypeVar("R", bound=View)
+
+
+def _checked(op: Operation[Any, R], untrusted_result: dict[str, Any]) -> R:
+    """``untrusted_result`` checked against the operation's result model."""
+    try:
+        return op.check_result(untrusted_result)
+    except ValidationError as exc:
+        raise ProtocolViolation(f"malformed {op.name} result from dispoold: {exc}") from None
+
+
+def _operation(name: str) -> Operation[Any, Any]:
+    op = OPERATIONS.get(name)
+    if op is None:
+        raise UnsupportedOperation(f"protocol 1 has no operation {name!r}")
+    return op
 
 
 def _args(**values: Any) -> dict[str, Any]:
@@ -268,8 +331,14 @@ class Client:
                 raise ProtocolViolation("reply without a result")
             return reply.result
 
-    def ping(self) -> PingResult:
-        return PingResult.model_validate(self.call("ping"))
+    def invoke(self, op: str, **args: Any) -> View:
+        """Call any operation of the table (:data:`dispoold.protocol.OPERATIONS`) with
+        keyword arguments (None ones left out); returns its checked result."""
+        operation: Operation[Any, View] = _operation(op)
+        return _checked(operation, self.call(op, _args(**args)))
+
+    def ping(self) -> Pong:
+        return _checked(PING, self.call("ping"))
 
     def request(
         self,
@@ -281,13 +350,13 @@ class Client:
     ) -> Handout:
         args = _args(target=target, source=source, timeout=timeout)
         args["paused"] = paused
-        return Handout.model_validate(self.call("request", args))
+        return _checked(REQUEST, self.call("request", args))
 
     def release(self, name: str) -> None:
         self.call("release", {"name": name})
 
-    def status(self, template: str | None = None) -> StatusResult:
-        return StatusResult.model_validate(self.call("status", _args(template=template)))
+    def status(self, template: str | None = None) -> PoolView:
+        return _checked(STATUS, self.call("status", _args(template=template)))
 
     def set_max(self, value: int | None, template: str | None = None) -> None:
         self.call("set_max", {"template": template, "max": value})
@@ -351,7 +420,7 @@ class Client:
         try:
             self._sock.sendall(pack_frame(message))
         except FrameError as exc:
-            raise FrameTooLarge(str(exc)) from None
+            raise MessageTooLarge(str(exc)) from None
         except OSError as exc:
             self.close()
             raise DaemonUnavailable(f"connection to dispoold lost: {exc.strerror or exc}") from None
@@ -483,8 +552,14 @@ class AsyncClient:
         finally:
             self._calls.pop(request_id, None)
 
-    async def ping(self) -> PingResult:
-        return PingResult.model_validate(await self.call("ping"))
+    async def invoke(self, op: str, **args: Any) -> View:
+        """Call any operation of the table with keyword arguments (None ones left out);
+        returns its checked result."""
+        operation: Operation[Any, View] = _operation(op)
+        return _checked(operation, await self.call(op, _args(**args)))
+
+    async def ping(self) -> Pong:
+        return _checked(PING, await self.call("ping"))
 
     async def request(
         self,
@@ -496,13 +571,13 @@ class AsyncClient:
     ) -> Handout:
         args = _args(target=target, source=source, timeout=timeout)
         args["paused"] = paused
-        return Handout.model_validate(await self.call("request", args))
+        return _checked(REQUEST, await self.call("request", args))
 
     async def release(self, name: str) -> None:
         await self.call("release", {"name": name})
 
-    async def status(self, template: str | None = None) -> StatusResult:
-        return StatusResult.model_validate(await self.call("status", _args(template=template)))
+    async def status(self, template: str | None = None) -> PoolView:
+        return _checked(STATUS, await self.call("status", _args(template=template)))
 
     async def set_max(self, value: int | None, template: str | None = None) -> None:
         await self.call("set_max", {"template": template, "max": value})
@@ -560,7 +635,7 @@ class AsyncClient:
         try:
             frame = pack_frame(message)
         except FrameError as exc:
-            raise FrameTooLarge(str(exc)) from None
+            raise MessageTooLarge(str(exc)) from None
         try:
             self._writer.write(frame)
             await self._writer.drain()

@@ -19,21 +19,21 @@ from typing import Any, TextIO
 from dispoold.client import (
     Client,
     ClientError,
+    DaemonStopping,
     DaemonUnavailable,
     Event,
-    NoMemory,
-    NoSuchTemplate,
-    NotADispvmTemplate,
     NotAllowed,
-    NotFound,
+    NotDisposableTemplate,
+    OutOfMemory,
     ProtocolViolation,
     RemoteError,
-    ShuttingDown,
-    Timeout,
+    TimedOut,
+    UnknownDisposable,
+    UnknownTemplate,
     default_socket,
 )
 from dispoold.events import EVENT_NAMES
-from dispoold.protocol import StatusResult
+from dispoold.views import PoolView
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -69,13 +69,13 @@ def exit_code(exc: ClientError) -> int:
             return EXIT_NOT_ALLOWED
         case DaemonUnavailable():
             return EXIT_UNAVAILABLE
-        case NoSuchTemplate() | NotADispvmTemplate() | NotFound():
+        case UnknownTemplate() | NotDisposableTemplate() | UnknownDisposable():
             return EXIT_NOT_FOUND
-        case NoMemory():
+        case OutOfMemory():
             return EXIT_NO_MEMORY
-        case Timeout():
+        case TimedOut():
             return EXIT_TIMEOUT
-        case ShuttingDown():
+        case DaemonStopping():
             return EXIT_SHUTTING_DOWN
     return EXIT_FAILED
 
@@ -124,7 +124,7 @@ def cmd_ping(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     raw = client.call("status", {"template": args.template} if args.template else None)
-    out.result(raw, None if out.as_json else format_status(StatusResult.model_validate(raw)))
+    out.result(raw, None if out.as_json else format_status(PoolView.model_validate(raw)))
     return EXIT_OK
 
 
@@ -187,7 +187,7 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
 # -- formatting ---------------------------------------------------------------------
 
 
-def format_status(status: StatusResult, now: float | None = None) -> str:
+def format_status(status: PoolView, now: float | None = None) -> str:
     now = time.time() if now is None else now
     header = ("TEMPLATE", "MAX", "GAP", "DISPOSABLE", "DOMID", "STAGE", "AGE", "MEMORY")
     rows: list[tuple[str, ...]] = []

@@ -1,17 +1,20 @@
-"""Errors the pool engine raises to its callers.
+"""The one family of errors the engine raises to its callers.
 
-Each subsystem keeps its own errors (:mod:`dispoold.backend`, :mod:`dispoold.memory`,
-these); :mod:`dispoold.rpc` turns them into wire replies, in one place.
+Every failure a caller of :class:`dispoold.pool.Pool` can see is a :class:`DispooldError`.
+The engine wraps what its ports raise (the backend's ``BackendError``, the memory
+manager's ``MemoryManagerError``) into these; :mod:`dispoold.protocol` maps exactly this
+family to wire codes, in one table. Anything else that escapes is a bug: the server logs
+it and answers "internal error".
 """
 
 from __future__ import annotations
 
 
-class PoolError(Exception):
-    """A request to the pool engine cannot be served; the message says why."""
+class DispooldError(Exception):
+    """A request cannot be served; the message says why, in words a person can act on."""
 
 
-class BadRequest(PoolError):
+class BadRequest(DispooldError):
     """An argument is out of range or malformed."""
 
 
@@ -19,25 +22,37 @@ class InvalidTarget(BadRequest):
     """The target is not ``@dispvm``, ``@dispvm:NAME`` or ``@dispvm:@tag:TAG``."""
 
 
-class NoSuchTemplate(PoolError):
+class NoSuchTemplate(DispooldError):
     """No template of that name (or carrying that tag), or no default one is configured."""
 
 
-class NotADispvmTemplate(PoolError):
+class NotADispvmTemplate(DispooldError):
     """The template exists but is not a disposable template."""
 
 
-class NotFound(PoolError):
+class NotFound(DispooldError):
     """No handed-out disposable of that name."""
 
 
-class RequestTimeout(PoolError):
+class RequestTimeout(DispooldError):
     """No disposable could be handed out within the request's timeout."""
 
 
-class ShuttingDown(PoolError):
+class ShuttingDown(DispooldError):
     """The daemon is stopping and takes no new work."""
 
 
-class DispidsExhausted(PoolError):
+class NoMemory(DispooldError):
+    """The host cannot spare the memory a new disposable needs."""
+
+
+class StartFailed(DispooldError):
+    """A disposable could not be made: its domain failed to build, boot or hand over."""
+
+
+class HypervisorError(DispooldError):
+    """The hypervisor or the memory manager failed an operation the request needed."""
+
+
+class DispidsExhausted(DispooldError):
     """Every dispid is in use or was freed too recently to be reused."""

@@ -30,7 +30,7 @@ DISPID_RANGE = 10_000
 #: give up when no dispid at all is free).
 RANDOM_PICKS = 100
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disposables (
     name        TEXT PRIMARY KEY,
@@ -40,8 +40,7 @@ CREATE TABLE IF NOT EXISTS disposables (
     since       REAL NOT NULL,
     domid       INTEGER,
     origin      TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    delivered   INTEGER NOT NULL DEFAULT 0
+    fingerprint TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS freed_dispids (
     dispid   INTEGER PRIMARY KEY,
@@ -52,6 +51,14 @@ CREATE TABLE IF NOT EXISTS settings (
     value INTEGER NOT NULL
 );
 """
+#: How a journal of each older version becomes the next one (run in one transaction).
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: "requested and delivered" became a stage of its own (handed out paused).
+    1: """
+    UPDATE disposables SET stage = 'handed-paused' WHERE stage = 'requested' AND delivered;
+    ALTER TABLE disposables DROP COLUMN delivered;
+    """,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +71,6 @@ class Record:
     domid: int | None
     origin: str
     fingerprint: str
-    #: The request that took it has answered (it matters for ``requested``: a request
-    #: cut short by a crash never reached its caller).
-    delivered: bool
 
 
 class Journal:
@@ -104,9 +108,15 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version} is not {SCHEMA_VERSION}")
-            db.executescript(SCHEMA)
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this dispoold's {SCHEMA_VERSION}"
+                )
+            if version == 0:
+                db.executescript(SCHEMA)
+            for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[old]} COMMIT;")
+                self._log.info("journal %s: schema %d -> %d", self.path, old, old + 1)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("PRAGMA quick_check").fetchone()
         except sqlite3.DatabaseError:
@@ -141,27 +151,16 @@ class Journal:
                     domid=domid,
                     origin=origin,
                     fingerprint=fingerprint,
-                    delivered=bool(delivered),
                 )
-                for (
-                    name,
-                    dispid,
-                    template,
-                    stage,
-                    since,
-                    domid,
-                    origin,
-                    fingerprint,
-                    delivered,
-                ) in rows
+                for (name, dispid, template, stage, since, domid, origin, fingerprint) in rows
             ]
 
     def put(self, record: Record) -> None:
         """Insert or update the record of ``record.name``."""
         self._db.execute(
-            "INSERT INTO disposables VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO disposables VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(name) DO UPDATE SET stage=excluded.stage, since=excluded.since,"
-            " domid=excluded.domid, delivered=excluded.delivered",
+            " domid=excluded.domid",
             (
                 record.name,
                 record.dispid,
@@ -171,7 +170,6 @@ class Journal:
                 record.domid,
                 record.origin,
                 record.fingerprint,
-                int(record.delivered),
             ),
         )
 

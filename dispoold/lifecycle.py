@@ -6,15 +6,20 @@
        |                  |                   |                   |  \\
        +------------------+-----request-------+-------------------+   unpause (foreign)
                                    v                                   v
-                               requested --hand_out/unpause--> used   tainted
-                                   |      \\--taint (foreign unpause)--^  |
-                                   |                            |        |
-                                   +------------release, die----+--------+
-                                                 v
-                                            destroying --destroyed--> (gone)
+            handed-paused <--hand_out_paused-- requested --hand_out--> used     tainted
+                  |   \\--unpause (its caller's)---------------------^  |        ^  |
+                  |                                requested --unpause (foreign)-+  |
+                  +---------------release, die--------+--------------+--------------+
+                                                      v
+                                                 destroying --destroyed--> (gone)
 
-    fail, die, discard: from preload, startup, shrinking, paused and requested
-    (before the hand-out) straight to destroying.
+    fail, die, discard: from preload, startup, shrinking, paused and requested straight
+    to destroying.
+
+``requested`` is a disposable a request has taken and not yet handed over (it may still
+be booting); ``handed-paused`` is one handed over paused, whose caller has not unpaused
+it yet. On the wire both are ``requested`` (:attr:`Stage.wire`): for a client the
+difference is whether its own request has returned.
 
 Every (stage, event) pair that may happen is in :data:`TRANSITIONS`; anything else
 raises :class:`IllegalTransition`, never an ``assert`` (asserts vanish under ``-O``).
@@ -34,9 +39,10 @@ class Stage(StrEnum):
     SHRINKING = "shrinking"
     #: Ready, shrunk and paused: in the pool, waiting for a request.
     PAUSED = "paused"
-    #: Taken by a request; not yet running for its user (still booting, or handed out
-    #: paused and not yet unpaused by the caller).
+    #: Taken by a request that has not handed it over yet (it may still be booting).
     REQUESTED = "requested"
+    #: Handed over paused (``paused: true``); its caller's own unpause is the use.
+    HANDED_PAUSED = "handed-paused"
     #: Unpaused for, or by, whoever requested it.
     USED = "used"
     #: Unpaused while in the pool without a request: never handed out, never destroyed
@@ -45,6 +51,11 @@ class Stage(StrEnum):
     #: Being destroyed.
     DESTROYING = "destroying"
 
+    @property
+    def wire(self) -> str:
+        """The stage as the protocol names it."""
+        return Stage.REQUESTED.value if self is Stage.HANDED_PAUSED else self.value
+
 
 class Event(StrEnum):
     START = "start"  # the domain exists and boots
@@ -52,8 +63,8 @@ class Event(StrEnum):
     PAUSED = "paused"  # the engine paused it (after the shrink)
     REQUEST = "request"  # a request took it
     HAND_OUT = "hand_out"  # the request got it running (the engine unpaused it)
+    HAND_OUT_PAUSED = "hand_out_paused"  # the request handed it over paused
     UNPAUSE = "unpause"  # the backend saw an unpause the engine did not do
-    TAINT = "taint"  # found running after a request took it, before the hand-out
     RELEASE = "release"  # its user released it
     DISCARD = "discard"  # the engine no longer wants it (max lowered, refresh, outdated)
     FAIL = "fail"  # an operation on it failed
@@ -63,7 +74,9 @@ class Event(StrEnum):
 
 #: Where the stage is in the books.
 POOL = frozenset({Stage.PRELOAD, Stage.STARTUP, Stage.SHRINKING, Stage.PAUSED})
-HANDED_OUT = frozenset({Stage.REQUESTED, Stage.USED, Stage.TAINTED})
+#: Whoever requested these has them (or someone took one from the pool): only a release
+#: or the domain's death ends them.
+HANDED_OUT = frozenset({Stage.HANDED_PAUSED, Stage.USED, Stage.TAINTED})
 
 #: Events that end a disposable the engine still controls (in the pool, or taken by a
 #: request that has not handed it over yet).
@@ -86,19 +99,21 @@ TRANSITIONS: dict[tuple[Stage, Event], Stage | None] = {
     (Stage.REQUESTED, Event.START): Stage.REQUESTED,
     (Stage.REQUESTED, Event.READY): Stage.REQUESTED,
     (Stage.REQUESTED, Event.HAND_OUT): Stage.USED,
+    (Stage.REQUESTED, Event.HAND_OUT_PAUSED): Stage.HANDED_PAUSED,
+    # Unpaused by someone else before its request handed it over: that request moves on.
+    (Stage.REQUESTED, Event.UNPAUSE): Stage.TAINTED,
     # Handed out paused: the caller's own unpause is the use.
-    (Stage.REQUESTED, Event.UNPAUSE): Stage.USED,
-    (Stage.REQUESTED, Event.RELEASE): Stage.DESTROYING,
-    (Stage.REQUESTED, Event.TAINT): Stage.TAINTED,
+    (Stage.HANDED_PAUSED, Event.UNPAUSE): Stage.USED,
     **{
         (stage, event): Stage.DESTROYING for stage in (*POOL, Stage.REQUESTED) for event in _ENDINGS
     },
-    # Someone is using these: only their user (release) or their death ends them. A
-    # failed operation or a refresh never destroys them.
-    (Stage.USED, Event.RELEASE): Stage.DESTROYING,
-    (Stage.USED, Event.DIE): Stage.DESTROYING,
-    (Stage.TAINTED, Event.RELEASE): Stage.DESTROYING,
-    (Stage.TAINTED, Event.DIE): Stage.DESTROYING,
+    # Someone has these: only their user (release) or their death ends them. A failed
+    # operation or a refresh never destroys them.
+    **{
+        (stage, event): Stage.DESTROYING
+        for stage in HANDED_OUT
+        for event in (Event.RELEASE, Event.DIE)
+    },
     # The backend only reports unpauses of domains it paused itself; these are late echoes.
     (Stage.USED, Event.UNPAUSE): Stage.USED,
     (Stage.TAINTED, Event.UNPAUSE): Stage.TAINTED,

@@ -1,26 +1,23 @@
 """The pool engine: one preload queue per disposable template, with Qubes' semantics.
 
 The engine knows nothing of libxl or sockets. It drives a :class:`~dispoold.backend.Backend`
-and a :class:`~dispoold.memory.MemoryManager`, keeps its books in memory and in the
-:class:`~dispoold.journal.Journal`, and publishes lifecycle events on an
-:class:`~dispoold.events.EventBus`.
+and a :class:`~dispoold.memory.MemoryManager`, keeps its books (:mod:`dispoold.books`),
+asks its origins (:mod:`dispoold.origins`) for the disposables requests get, takes its
+limits from :mod:`dispoold.limits`, recovers from a restart with
+:mod:`dispoold.recovery`, and publishes lifecycle events on an
+:class:`~dispoold.events.EventBus`. It answers with typed values
+(:mod:`dispoold.views`) and raises only :mod:`dispoold.errors`.
 
-How the books are kept:
+How a disposable is brought up: one task per disposable runs its steps (create, boot,
+shrink, pause for a preload; create, boot for a fresh start). Each step returns an
+:class:`Outcome`, and between steps a checkpoint looks at what happened meanwhile (it was
+discarded, someone unpaused it, its domain died). Whoever wants a disposable gone while
+its bring-up runs moves it to ``destroying`` and cuts short only the wait the bring-up is
+in (the boot, the shrink), never the creation; the bring-up then destroys it itself. So
+a domain that is still being created is never forgotten (Qubes #11129).
 
-- Every disposable the engine may have created is in ``_books`` under its name, from
-  before its domain is created until after it is destroyed, and its journal record
-  follows every stage change (:meth:`Pool._transition` is the only place that changes a
-  stage). Where a disposable is (pool, handed out, being destroyed) follows from its
-  stage alone, so it can't be in two places.
-- Choosing a disposable for a request and marking it ``requested`` happen without an
-  ``await`` in between, so two requests never get the same one.
-- One task brings each disposable up (create, boot, shrink, pause). Whoever wants a
-  disposable gone while that task runs cancels only the step it is waiting on (boot or
-  shrink, never the creation) and lets the task destroy the domain itself; otherwise a
-  destroy task is spawned. So a domain that is still being created is never forgotten
-  (Qubes #11129).
-- A background task that fails unexpectedly sets :attr:`Pool.fatal`: the daemon exits
-  and the journal brings the next start back to a consistent state.
+A background task that fails unexpectedly sets :attr:`Pool.fatal`: the daemon exits and
+the journal brings the next start back to a consistent state.
 """
 
 from __future__ import annotations
@@ -29,120 +26,69 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
 from dispoold import targets
 from dispoold.backend import Backend, BackendError, DomainEventKind, DomainInfo, Marker, NotPaused
+from dispoold.books import Books, Disposable
 from dispoold.config import Config, TemplateSettings
 from dispoold.errors import (
     BadRequest,
     DispidsExhausted,
+    DispooldError,
+    NoMemory,
     NoSuchTemplate,
     NotADispvmTemplate,
     NotFound,
     RequestTimeout,
     ShuttingDown,
+    StartFailed,
 )
 from dispoold.events import EventBus
-from dispoold.journal import Journal, Record
-from dispoold.lifecycle import HANDED_OUT, POOL, Event, Stage, next_stage
-from dispoold.memory import MemoryManager, MemoryManagerError, NoMemory
+from dispoold.journal import Journal
+from dispoold.lifecycle import HANDED_OUT, POOL, Event, Stage
+from dispoold.limits import Limits
+from dispoold.memory import MemoryManager, MemoryManagerError
+from dispoold.memory import NoMemory as HostOutOfMemory
+from dispoold.origins import Origin
+from dispoold.origins.fresh import FreshStart
+from dispoold.origins.preload import Preloads
+from dispoold.recovery import Fate, plan
+from dispoold.views import Handout, OriginName, PoolView, TemplateView
 
 T = TypeVar("T")
-Origin = Literal["preload", "fresh"]
 
-GLOBAL_MAX = "max"
-THRESHOLD = "threshold"
-TEMPLATE_MAX_PREFIX = "max:"
-MAX_PRELOAD = 1000
-
-#: A request waits this many startup timeouts, at most, for a preload it took while it
-#: was still booting; then it gives up on it and starts a fresh one (as Qubes does).
-PRELOAD_WAIT_FACTOR = 1.2
 #: Seconds between attempts to destroy a domain the backend failed to destroy.
 DESTROY_RETRY = 5.0
 #: How long suspend waits for the preloads to be destroyed.
 SUSPEND_TIMEOUT = 60.0
-
-#: Which pool member a request takes first: ready ones, then the furthest along.
-_TAKE_ORDER = {Stage.PAUSED: 0, Stage.SHRINKING: 1, Stage.STARTUP: 2}
 #: Which pool member goes first when the maximum is lowered: the least advanced.
 _TRIM_ORDER = {Stage.PRELOAD: 0, Stage.STARTUP: 1, Stage.SHRINKING: 2, Stage.PAUSED: 3}
 
-
-class _Lost(Exception):
-    """The disposable a request took cannot be handed out; the request tries another."""
-
-
-class _Discarded(Exception):
-    """The engine no longer wants the disposable being brought up."""
+#: The failures of the engine's ports: what a step of a bring-up may raise.
+PORT_ERRORS = (BackendError, MemoryManagerError)
 
 
-class _StepCancelled(Exception):
-    """The step a bring-up was waiting on was cancelled by someone else (see _step)."""
+class Outcome(Enum):
+    """What a step of a bring-up (or a checkpoint between steps) found."""
 
-
-@dataclass(frozen=True, slots=True)
-class Handout:
-    """The answer to a request: a disposable that is now its caller's."""
-
-    name: str
-    domid: int
-    dispid: int
-    template: str
-    origin: Origin
-    paused: bool
-    waited_ms: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    #: Carry on with the next step.
+    GO = "go"
+    #: The engine no longer wants it (it is ``destroying``): destroy it.
+    DISCARDED = "discarded"
+    #: Someone else unpaused it: it is theirs now, left running and never handed out.
+    TAINTED = "tainted"
+    #: Not started after all: creating it now would eat into the memory threshold.
+    NO_ROOM = "no room"
+    #: Its domain died while it was being brought up: a failed start.
+    DIED = "died"
 
 
 @dataclass(eq=False)
-class Disposable:
-    name: str
-    dispid: int
-    template: str
-    fingerprint: str
-    origin: Origin
-    stage: Stage
-    since: float
-    domid: int | None = None
-    #: The request that took it has answered its caller.
-    delivered: bool = False
-    #: Paused by the engine and not unpaused since.
-    paused: bool = False
-    memory_mib: int | None = None
-    #: Something an operator should know (a failed shrink), shown in status.
-    note: str | None = None
-    #: MiB counted in the engine's pending total until the domain exists.
-    reserved_mib: int = 0
-    #: Settled when the bring-up is over: ready (paused in the pool, or running for the
-    #: request that took it) or failed with the reason.
-    ready: asyncio.Future[None] = field(default_factory=lambda: _loop().create_future())
-    bring_up: asyncio.Task[None] | None = None
-    #: The cancellable step the bring-up is waiting on (boot, shrink).
-    step: asyncio.Future[Any] | None = None
-    destroying: asyncio.Task[None] | None = None
-
-    def record(self) -> Record:
-        return Record(
-            name=self.name,
-            dispid=self.dispid,
-            template=self.template,
-            stage=self.stage,
-            since=self.since,
-            domid=self.domid,
-            origin=self.origin,
-            fingerprint=self.fingerprint,
-            delivered=self.delivered,
-        )
-
-
-@dataclass(eq=False)
-class _Queue:
+class Queue:
     """A disposable template and what the engine knows about filling it."""
 
     name: str
@@ -157,6 +103,9 @@ class _Queue:
     #: Loop time before which no preload starts (back-off after failures).
     retry_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+
+
+Step = Callable[[Disposable, Queue], Awaitable[Outcome]]
 
 
 class Pool:
@@ -176,36 +125,36 @@ class Pool:
         log: logging.Logger,
         now: Callable[[], float] = time.time,
     ) -> None:
-        self._config = config
+        self.config = config
         self._backend = backend
         self._memory = memory
         self._journal = journal
         self.bus = bus
         self._log = log
         self._now = now
-        self._books: dict[str, Disposable] = {}
+        self.books = Books(journal, now)
+        self.limits = Limits(config, journal)
         self._queues = {
-            name: _Queue(name, settings, settings.fingerprint())
+            name: Queue(name, settings, settings.fingerprint())
             for name, settings in config.templates.items()
         }
-        self._overrides: dict[str, int] = {}
+        #: Asked in this order for every request: the fastest way to a disposable first.
+        self.origins: tuple[Origin, ...] = (Preloads(self), FreshStart(self))
         self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
         self._fill_lock = asyncio.Lock()
         self._pending_mib = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._suspended = False
         self._stopping = False
-        self.fatal: asyncio.Future[None] = _loop().create_future()
+        #: Disposables whose domain died while their bring-up ran: a failed start.
+        self._died: set[str] = set()
+        self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # == life of the engine ============================================================
 
     async def start(self) -> None:
         """Replay the journal, reconcile it with the backend, start watching, fill."""
-        self._overrides = {
-            key: value
-            for key in self._setting_keys()
-            if (value := self._journal.get_setting(key)) is not None
-        }
+        self.limits.load()
         await self._recover()
         self._spawn(self._watch_backend(), "backend events")
         self._spawn(self._watch_templates(), "template files")
@@ -218,12 +167,12 @@ class Pool:
         self._stopping = True
         for queue in self._queues.values():
             self._cancel_timer(queue)
-        for d in list(self._books.values()):
+        for d in self.books:
             if d.stage in POOL and d.stage is not Stage.PAUSED:
                 self._end(d, Event.DISCARD, "the daemon is stopping")
         work = [
             t
-            for d in self._books.values()
+            for d in self.books
             for t in (d.bring_up, d.destroying)
             if t is not None and not t.done()
         ]
@@ -248,39 +197,37 @@ class Pool:
         paused: bool = False,
         timeout: float | None = None,
     ) -> Handout:
-        """Hand out a disposable for ``target``: a preload when one is usable, else a
-        fresh one. Answers within ``timeout`` seconds, or raises :class:`RequestTimeout`.
+        """Hand out a disposable for ``target``, from the first origin that has one.
+        Answers within ``timeout`` seconds, or raises :class:`RequestTimeout`.
 
         Raises :class:`BadRequest`, :class:`NoSuchTemplate`, :class:`NotADispvmTemplate`,
-        :class:`ShuttingDown`, and for a fresh start :class:`~dispoold.memory.NoMemory`
-        or :class:`~dispoold.backend.BackendError`.
+        :class:`ShuttingDown`, and when the last origin fails :class:`NoMemory` or
+        :class:`StartFailed`.
         """
         if self._stopping:
             raise ShuttingDown("dispoold is stopping")
-        limit = self._config.pool.request_timeout if timeout is None else timeout
-        if not (0 < limit <= self._config.pool.max_request_timeout):
+        limit = self.config.pool.request_timeout if timeout is None else timeout
+        if not (0 < limit <= self.config.pool.max_request_timeout):
             raise BadRequest(
-                f"timeout must be above 0 and at most {self._config.pool.max_request_timeout:g} s"
+                f"timeout must be above 0 and at most {self.config.pool.max_request_timeout:g} s"
             )
         names = targets.resolve(
             target,
             source,
-            templates=self._config.templates,
-            sources=self._config.sources,
-            default_dispvm=self._config.pool.default_dispvm,
+            templates=self.config.templates,
+            sources=self.config.sources,
+            default_dispvm=self.config.pool.default_dispvm,
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             async with asyncio.timeout(limit):
-                d = await self._obtain(names, paused)
+                d, domid = await self._obtain(names, paused)
         except TimeoutError:
             raise RequestTimeout(f"no disposable for {target} within {limit:g} s") from None
-        if d.domid is None:  # pragma: no cover - a delivered disposable exists
-            raise BackendError("request", d.name, "handed out without a domid")
         return Handout(
             name=d.name,
-            domid=d.domid,
+            domid=domid,
             dispid=d.dispid,
             template=d.template,
             origin=d.origin,
@@ -290,109 +237,101 @@ class Pool:
 
     async def release(self, name: str) -> None:
         """Destroy a handed-out disposable and free its name. Raises :class:`NotFound`."""
-        d = self._books.get(name)
-        if d is None or d.stage not in HANDED_OUT or not (d.delivered or d.stage is Stage.TAINTED):
+        d = self.books.get(name)
+        if d is None or d.stage not in HANDED_OUT:
             raise NotFound(f"{name} is not a handed-out disposable")
         self._end(d, Event.RELEASE, "released")
         if d.destroying is not None:
             await asyncio.shield(d.destroying)
 
-    async def _obtain(self, names: list[str], paused: bool) -> Disposable:
-        while (d := self._take(names)) is not None:
-            try:
-                return await self._deliver(d, paused)
-            except _Lost as exc:
-                self._log.info("%s could not be handed out (%s); trying another", d.name, exc)
-        queue = self._queues[names[0]]
-        d = self._new_disposable(queue, "fresh")
-        self._transition(d, Event.REQUEST)
-        self._publish_requested(d)
-        d.bring_up = self._spawn(self._bring_up(d, queue), f"fresh start {d.name}")
-        return await self._deliver(d, paused)
+    async def _obtain(self, names: Sequence[str], paused: bool) -> tuple[Disposable, int]:
+        for origin in self.origins:
+            while (d := origin.claim(names)) is not None:
+                problem = await self._hand_over(d, paused, origin.patience())
+                if problem is None and d.domid is not None:
+                    return d, d.domid
+                if origin.last_resort:
+                    raise _request_error(problem)
+                self._log.info("%s could not be handed out (%s); trying another", d.name, problem)
+        # The last origin always claims; reaching here means the table of origins is wrong.
+        raise StartFailed("no origin could make a disposable")
 
-    def _take(self, names: list[str]) -> Disposable | None:
-        """Take the best usable pool member of ``names`` for a request (no await here:
-        nobody else can take it meanwhile)."""
-        best: Disposable | None = None
-        for d in self._books.values():
-            if d.template not in names or d.stage not in _TAKE_ORDER:
-                continue
-            queue = self._queues.get(d.template)
-            if queue is None or d.fingerprint != queue.fingerprint:
-                continue  # outdated: the refresh replaces it
-            if best is None or (_TAKE_ORDER[d.stage], d.since) < (
-                _TAKE_ORDER[best.stage],
-                best.since,
-            ):
-                best = d
-        if best is None:
-            return None
-        was = best.stage
-        self._transition(best, Event.REQUEST)
-        if was is Stage.SHRINKING and best.step is not None:
-            best.step.cancel()  # the caller wants it now, not smaller
-        self._publish_requested(best)
-        self._refill_after_use(self._queues[best.template])
-        return best
-
-    async def _deliver(self, d: Disposable, paused: bool) -> Disposable:
-        """Wait until ``d`` is ready, then hand it over running or paused.
-
-        Raises :class:`_Lost` when it can't be handed out (the caller tries another), or,
-        for a fresh start, the reason it failed. A disposable not handed over is
-        discarded, whatever cut the request short (including its timeout).
-        """
+    async def _hand_over(
+        self, d: Disposable, paused: bool, patience: float | None
+    ) -> BaseException | None:
+        """Wait until ``d`` is ready, then hand it over running or paused. Returns None
+        when it is the caller's now, else why not (``d`` is then discarded, whatever cut
+        the request short, its timeout included)."""
         try:
-            if not d.ready.done() and d.origin == "preload":
-                wait = PRELOAD_WAIT_FACTOR * self._config.pool.startup_timeout
-                try:
-                    await asyncio.wait_for(asyncio.shield(d.ready), wait)
-                except TimeoutError:
-                    raise _Lost(f"not ready after {wait:g} s") from None
-            else:
+            if patience is None or d.ready.done():
                 await asyncio.shield(d.ready)
-            if d.stage is not Stage.REQUESTED:
-                raise _Lost(f"it is {d.stage.value}")
-            try:
-                if paused and not d.paused:
-                    await self._backend.pause(d.name)
-                    d.paused = True
-                    self._memory.exclude(d.name)
-                elif not paused and d.paused:
-                    await self._backend.unpause(d.name)
-                    d.paused = False
-            except NotPaused:
-                d.paused = False
-                if d.stage is Stage.REQUESTED:
-                    self._taint(d)
-                raise _Lost("someone else unpaused it") from None
-            if d.stage is not Stage.REQUESTED:
-                raise _Lost(f"it became {d.stage.value}")
-            d.delivered = True
-            if paused:
-                self._journal.put(d.record())
             else:
-                self._transition(d, Event.HAND_OUT)
-                self._memory.include(d.name)
-                self.bus.publish("used", {"name": d.name, "template": d.template})
-            return d
-        except (_Lost, _Discarded) as exc:
+                try:
+                    await asyncio.wait_for(asyncio.shield(d.ready), patience)
+                except TimeoutError:
+                    self._abandon(d)
+                    return StartFailed(f"{d.name} was not ready after {patience:g} s")
+            if d.stage is not Stage.REQUESTED:
+                return StartFailed(f"{d.name} is {d.stage.value}")
+            if paused and not d.paused:
+                await self._backend.pause(d.name)
+                d.paused = True
+                self._memory.exclude(d.name)
+            elif not paused and d.paused:
+                await self._backend.unpause(d.name)
+                d.paused = False
+        except NotPaused:
+            d.paused = False
+            if d.stage is Stage.REQUESTED:
+                self._taint(d)
+            return StartFailed(f"{d.name} was unpaused by someone else")
+        except (*PORT_ERRORS, DispooldError) as exc:
             self._abandon(d)
-            if d.origin == "fresh":
-                raise BackendError("start", d.name, str(exc)) from None
-            raise _Lost(str(exc)) from None
-        except (BackendError, MemoryManagerError) as exc:
-            self._abandon(d)
-            if d.origin == "fresh":
-                raise
-            raise _Lost(str(exc)) from None
+            return exc
         except BaseException:
             self._abandon(d)
             raise
+        if not d.at(Stage.REQUESTED):  # something happened during the (un)pause
+            return StartFailed(f"{d.name} became {d.stage.value}")
+        if paused:
+            self.books.move(d, Event.HAND_OUT_PAUSED)
+        else:
+            self.books.move(d, Event.HAND_OUT)
+            self._memory.include(d.name)
+            self.bus.publish("used", {"name": d.name, "template": d.template})
+        return None
 
     def _abandon(self, d: Disposable) -> None:
-        if d.stage is Stage.REQUESTED and not d.delivered:
+        if d.stage is Stage.REQUESTED:
             self._end(d, Event.DISCARD, "its request was abandoned")
+
+    # == what the origins use ===========================================================
+
+    def is_current(self, d: Disposable) -> bool:
+        """``d`` was made from its template as it is now (not outdated)."""
+        queue = self._queues.get(d.template)
+        return queue is not None and d.fingerprint == queue.fingerprint
+
+    def take(self, d: Disposable) -> None:
+        """A request takes ``d`` from the pool (no await: nobody else can take it)."""
+        was = d.stage
+        self.books.move(d, Event.REQUEST)
+        if was is Stage.SHRINKING and d.waiting is not None:
+            d.waiting.cancel()  # the caller wants it now, not smaller
+        self._publish_requested(d)
+        self._refill_after_use(self._queues[d.template])
+
+    def start_for_request(self, template: str, origin: OriginName) -> Disposable:
+        """A new disposable of ``template``, requested before it exists, and its
+        bring-up (create and boot, no pause). Raises :class:`DispidsExhausted`."""
+        queue = self._queues[template]
+        d = self._new_disposable(queue, origin)
+        self.books.move(d, Event.REQUEST)
+        self._publish_requested(d)
+        d.bring_up = self._spawn(
+            self._bring_up(d, queue, (self._create, self._boot)), f"{origin} start {d.name}"
+        )
+        return d
 
     def _publish_requested(self, d: Disposable) -> None:
         self.bus.publish("requested", {"name": d.name, "template": d.template, "origin": d.origin})
@@ -400,7 +339,7 @@ class Pool:
     def _taint(self, d: Disposable) -> None:
         """``d`` was unpaused by someone other than its request: it leaves the pool for
         good, is never handed out, and is left running for whoever is using it."""
-        self._transition(d, Event.TAINT if d.stage is Stage.REQUESTED else Event.UNPAUSE)
+        self.books.move(d, Event.UNPAUSE)
         d.paused = False
         self._memory.include(d.name)
         self._log.warning("%s was unpaused without a request: tainted", d.name)
@@ -411,24 +350,13 @@ class Pool:
     # == filling ========================================================================
 
     def effective_max(self, template: str) -> int:
-        """How many preloads ``template`` should have (its own maximum, or the global
-        one for the default disposable template)."""
-        queue = self._queues.get(template)
-        if queue is None or not queue.settings.dispvm_template:
-            return 0
-        if template == self._config.pool.default_dispvm:
-            global_max = self._overrides.get(GLOBAL_MAX, self._config.pool.max)
-            if global_max is not None:
-                return global_max
-        return self._overrides.get(TEMPLATE_MAX_PREFIX + template, queue.settings.preload_max)
+        """How many preloads ``template`` should have (see :meth:`Limits.maximum`)."""
+        return self.limits.maximum(template)
 
     def threshold_mib(self) -> int:
-        return self._overrides.get(THRESHOLD, self._config.pool.threshold_mib or 0)
+        return self.limits.threshold_mib()
 
-    def _members(self, template: str) -> list[Disposable]:
-        return [d for d in self._books.values() if d.template == template and d.stage in POOL]
-
-    def _schedule_fill(self, queue: _Queue, delay: float = 0.0) -> None:
+    def _schedule_fill(self, queue: Queue, delay: float = 0.0) -> None:
         """Fill ``queue`` in ``delay`` seconds, unless a fill is due sooner anyway."""
         if self._stopping:
             return
@@ -440,32 +368,32 @@ class Pool:
             queue.timer.cancel()
         queue.timer = loop.call_at(when, self._start_fill, queue)
 
-    def _start_fill(self, queue: _Queue) -> None:
+    def _start_fill(self, queue: Queue) -> None:
         queue.timer = None
         self._spawn(self._fill(queue), f"fill {queue.name}")
 
-    def _cancel_timer(self, queue: _Queue) -> None:
+    def _cancel_timer(self, queue: Queue) -> None:
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
 
-    def _refill_after_use(self, queue: _Queue) -> None:
-        delay = self._config.pool.refill_delay
+    def _refill_after_use(self, queue: Queue) -> None:
+        delay = self.config.pool.refill_delay
         if delay < 0:
             # Negative delay: no refill while the template still has preloads.
-            if self._members(queue.name):
+            if self.books.members(queue.name):
                 return
             delay = 0.0
         self._schedule_fill(queue, delay)
 
-    async def _fill(self, queue: _Queue) -> None:
+    async def _fill(self, queue: Queue) -> None:
         """Start or remove preloads until ``queue`` holds as many as it should, within
         the memory the threshold leaves free. Fills are serialized, so the memory the
         ones already decided will take is counted (``_pending_mib``) by the next."""
         async with self._fill_lock:
             if self._stopping or self._queues.get(queue.name) is not queue:
                 return
-            members = self._members(queue.name)
+            members = self.books.members(queue.name)
             wanted = 0 if self._suspended else self.effective_max(queue.name)
             if len(members) > wanted:
                 members.sort(key=lambda d: (_TRIM_ORDER[d.stage], -d.since))
@@ -502,10 +430,11 @@ class Pool:
                     continue
                 d.reserved_mib = queue.settings.memory
                 self._pending_mib += d.reserved_mib
-                d.bring_up = self._spawn(self._bring_up(d, queue), f"preload {d.name}")
+                steps = (self._create, self._boot, self._shrink, self._pause)
+                d.bring_up = self._spawn(self._bring_up(d, queue, steps), f"preload {d.name}")
 
     def _set_gap(
-        self, queue: _Queue, gap: int, available: int | None = None, threshold: int | None = None
+        self, queue: Queue, gap: int, available: int | None = None, threshold: int | None = None
     ) -> None:
         if gap > 0:
             if gap != queue.gap:
@@ -525,176 +454,196 @@ class Pool:
                         "threshold_mib": threshold,
                     },
                 )
-            self._schedule_fill(queue, self._config.pool.gap_retry_interval)
+            self._schedule_fill(queue, self.config.pool.gap_retry_interval)
         queue.gap = gap
 
-    def _new_disposable(self, queue: _Queue, origin: Origin) -> Disposable:
+    def _new_disposable(self, queue: Queue, origin: OriginName) -> Disposable:
         """A new disposable in the books and the journal, before its domain exists."""
         dispid = self._journal.allocate_dispid(
-            self._config.pool.dispid_quarantine_days * 86400,
-            exclude=frozenset(d.dispid for d in self._books.values()),
+            self.config.pool.dispid_quarantine_days * 86400, exclude=self.books.dispids()
         )
-        d = Disposable(
-            name=f"disp{dispid}",
-            dispid=dispid,
-            template=queue.name,
-            fingerprint=queue.fingerprint,
-            origin=origin,
-            stage=Stage.PRELOAD,
-            since=self._now(),
-        )
-        self._books[d.name] = d
-        self._journal.put(d.record())
-        return d
+        return self.books.open(dispid, queue.name, queue.fingerprint, origin)
 
     # == bringing a disposable up =======================================================
 
-    async def _bring_up(self, d: Disposable, queue: _Queue) -> None:
-        """Create, boot, shrink and pause ``d`` (a preload), or create and boot it for the
-        request that is waiting (a fresh start or a preload taken during startup)."""
-        settings = queue.settings
+    async def _bring_up(self, d: Disposable, queue: Queue, steps: Sequence[Step]) -> None:
+        """Run ``steps`` with a checkpoint after each, then act on the outcome: ``d`` is
+        ready (paused in the pool, or running for the request that took it), or it is
+        destroyed, or left to whoever unpaused it."""
         slot = self._start_slots if d.origin == "preload" else contextlib.nullcontext()
+        failure: BaseException | None = None
+        outcome = Outcome.GO
         try:
             async with slot:
-                self._check_wanted(d)
-                await self._create(d, settings)
-                self._check_wanted(d)  # discarded while the domain was being created
-                self._transition(d, Event.START)
-                if d.origin == "preload":
-                    self.bus.publish("preload-started", {"name": d.name, "template": d.template})
-                self._check_wanted(d)
-                await self._step(
-                    d, self._backend.wait_ready(d.name, self._config.pool.startup_timeout)
-                )
-                self._check_wanted(d)
-                self._transition(d, Event.READY)
-                if d.stage is Stage.SHRINKING:
-                    await self._shrink(d)
-                    self._check_wanted(d)
-                if d.stage is Stage.SHRINKING:
-                    await self._backend.pause(d.name)
-                    d.paused = True
-                    self._memory.exclude(d.name)
-                    self._check_wanted(d)
-                if d.stage is Stage.SHRINKING:
-                    self._transition(d, Event.PAUSED)
-                    queue.failures = 0
-                    self.bus.publish(
-                        "preload-ready",
-                        {"name": d.name, "template": d.template, "memory_mib": d.memory_mib},
-                    )
-            d.ready.set_result(None)
-        except (_Discarded, _StepCancelled) as exc:
-            if d.stage is Stage.DESTROYING:
-                self._settle(d, _Discarded(f"{d.name} was discarded"))
-                await self._destroy(d)
-            elif d.stage is Stage.TAINTED:
-                self._settle(d, _Lost("tainted"))
-            else:  # a step cancelled by nobody the engine knows of
-                await self._failed(
-                    d, queue, BackendError("start", d.name, f"interrupted ({exc!r})")
-                )
-        except _NoRoom as exc:
-            self._log.info("%s: not started: %s", d.name, exc)
-            self._settle(d, _Discarded(str(exc)))
-            self._transition(d, Event.DISCARD)
-            await self._destroy(d)
-            self._schedule_fill(queue, self._config.pool.gap_retry_interval)
-        except (BackendError, MemoryManagerError) as exc:
-            await self._failed(d, queue, exc)
+                outcome = self._checkpoint(d)
+                for step in steps:
+                    if outcome is not Outcome.GO:
+                        break
+                    outcome = await step(d, queue)
+                    if outcome is Outcome.GO:
+                        outcome = self._checkpoint(d)
+        except PORT_ERRORS as exc:
+            failure = exc
         finally:
             self._release_reservation(d)
+        if failure is None and outcome is Outcome.DIED:
+            failure = StartFailed(f"{d.name}: the domain died while starting")
+        await self._conclude(d, queue, outcome, failure)
 
-    async def _create(self, d: Disposable, settings: TemplateSettings) -> None:
-        marker = Marker(owner=self._config.daemon.instance, template=d.template, dispid=d.dispid)
+    def _checkpoint(self, d: Disposable) -> Outcome:
+        """What happened to ``d`` while the bring-up waited."""
+        if d.name in self._died:
+            return Outcome.DIED
+        if d.stage is Stage.DESTROYING:
+            return Outcome.DISCARDED
+        if d.stage is Stage.TAINTED:
+            return Outcome.TAINTED
+        return Outcome.GO
+
+    async def _conclude(
+        self, d: Disposable, queue: Queue, outcome: Outcome, failure: BaseException | None
+    ) -> None:
+        self._died.discard(d.name)
+        if failure is not None:
+            await self._failed(d, queue, failure)
+        elif outcome is Outcome.GO:
+            d.settle()
+        elif outcome is Outcome.DISCARDED:
+            d.settle(StartFailed(f"{d.name} was discarded"))
+            await self._destroy(d)
+        elif outcome is Outcome.TAINTED:
+            d.settle(StartFailed(f"{d.name} was unpaused by someone else"))
+        elif outcome is Outcome.NO_ROOM:
+            d.settle(StartFailed(f"{d.name}: not started, the memory threshold was reached"))
+            self.books.move(d, Event.DISCARD)
+            await self._destroy(d)
+            self._schedule_fill(queue, self.config.pool.gap_retry_interval)
+
+    async def _create(self, d: Disposable, queue: Queue) -> Outcome:
+        """Create the domain within a memory allocation. A preload is checked against
+        the threshold once more at the last moment, inside the allocation (which admits
+        one creation at a time): a fresh start may have taken memory since the fill."""
+        settings = queue.settings
+        marker = Marker(owner=self.config.daemon.instance, template=d.template, dispid=d.dispid)
         try:
             async with self._memory.allocation(d.name, settings.memory):
                 if d.origin == "preload":
-                    # Re-checked at the last moment, inside the allocation (which admits one
-                    # creation at a time): a fresh start may have taken memory since the fill.
                     available = await self._memory.available_mib()
                     if available - self._pending_mib < self.threshold_mib():
-                        raise _NoRoom(f"{available} MiB free would cross the threshold")
+                        self._log.info(
+                            "%s: not started: %d MiB free would cross the threshold",
+                            d.name,
+                            available,
+                        )
+                        return Outcome.NO_ROOM
                 # Not cancellable halfway: a cancelled caller leaves the creation running
                 # and the next start finds the domain through the journal.
                 d.domid = await asyncio.shield(self._backend.create(d.name, settings, marker))
-        except NoMemory as exc:
+        except HostOutOfMemory as exc:
             if d.origin == "preload":
-                raise _NoRoom(str(exc)) from None
+                self._log.info("%s: not started: %s", d.name, exc)
+                return Outcome.NO_ROOM
             raise
         finally:
             self._release_reservation(d)
         d.memory_mib = settings.memory
-        self._journal.put(d.record())
+        self.books.save(d)
+        return Outcome.GO
 
-    async def _shrink(self, d: Disposable) -> None:
-        """Shrink to the preferred size; a failure is noted, and the pause still happens."""
+    async def _boot(self, d: Disposable, queue: Queue) -> Outcome:
+        """Wait until the guest reports readiness."""
+        self.books.move(d, Event.START)
+        if d.origin == "preload":
+            self.bus.publish("preload-started", {"name": d.name, "template": d.template})
+        if (outcome := self._checkpoint(d)) is not Outcome.GO:
+            return outcome
+        cut, _ = await self._wait_on(
+            d, self._backend.wait_ready(d.name, self.config.pool.startup_timeout)
+        )
+        # Looked at even when the wait ended by itself: a discard may have landed in the
+        # same turn of the loop as the guest's readiness, too late to cut the wait.
+        if (outcome := self._checkpoint(d)) is not Outcome.GO:
+            return outcome
+        if cut:  # cut short by nobody the engine knows of
+            raise BackendError("start", d.name, "the boot wait was interrupted")
+        self.books.move(d, Event.READY)
+        return Outcome.GO
+
+    async def _shrink(self, d: Disposable, queue: Queue) -> Outcome:
+        """Shrink to the preferred size; a failure is noted, and the pause still happens.
+        A request arriving meanwhile cuts the shrink short: it gets the preload now."""
+        if d.stage is not Stage.SHRINKING:
+            return Outcome.GO  # taken during startup: no shrink, no pause
         try:
-            result = await self._step(d, self._memory.shrink(d.name))
-        except _StepCancelled:
-            if d.stage is Stage.DESTROYING:
-                raise
-            return  # a request took it: it gets it now, unshrunk
+            cut, result = await self._wait_on(d, self._memory.shrink(d.name))
         except MemoryManagerError as exc:
+            if (outcome := self._checkpoint(d)) is not Outcome.GO:
+                return outcome
             d.note = f"shrink failed: {exc}"
             self._log.warning("%s: %s; pausing anyway", d.name, d.note)
-            return
+            return Outcome.GO
+        if cut or result is None:
+            return self._checkpoint(d)
         d.memory_mib = result.actual_mib
         if not result.converged:
             d.note = f"memory at {result.actual_mib} MiB, target {result.target_mib} MiB"
+        return Outcome.GO
 
-    async def _step(self, d: Disposable, coro: Coroutine[Any, Any, T]) -> T:
-        """Await ``coro`` as a step others may cancel (:meth:`_end`, :meth:`_take`).
+    async def _pause(self, d: Disposable, queue: Queue) -> Outcome:
+        """Pause the ready preload: it is in the pool now."""
+        if d.stage is not Stage.SHRINKING:
+            return Outcome.GO  # a request took it during the shrink: it runs on
+        await self._backend.pause(d.name)
+        d.paused = True
+        self._memory.exclude(d.name)
+        if (outcome := self._checkpoint(d)) is not Outcome.GO:
+            return outcome
+        if d.stage is Stage.SHRINKING:
+            self.books.move(d, Event.PAUSED)
+            queue.failures = 0
+            self.bus.publish(
+                "preload-ready",
+                {"name": d.name, "template": d.template, "memory_mib": d.memory_mib},
+            )
+        return Outcome.GO
 
-        Raises :class:`_StepCancelled` when they did; the engine's own cancellation of
-        the bring-up still propagates as ``CancelledError``.
-        """
-        step = asyncio.ensure_future(coro)
-        d.step = step
+    async def _wait_on(self, d: Disposable, coro: Coroutine[Any, Any, T]) -> tuple[bool, T | None]:
+        """Await ``coro`` as a wait others may cut short (:meth:`_end`, :meth:`take`,
+        a death). Returns ``(True, None)`` when they did; the engine's own cancellation
+        of the bring-up still propagates as ``CancelledError``."""
+        waiting = asyncio.ensure_future(coro)
+        d.waiting = waiting
         try:
-            return await step
+            return False, await waiting
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if step.cancelled() and (current is None or not current.cancelling()):
-                raise _StepCancelled from None
+            if waiting.cancelled() and (current is None or not current.cancelling()):
+                return True, None
             raise
         finally:
-            d.step = None
+            d.waiting = None
 
-    def _check_wanted(self, d: Disposable) -> None:
-        if d.stage is Stage.DESTROYING:
-            raise _Discarded
-        if d.stage is Stage.TAINTED:
-            self._settle(d, _Lost("tainted"))
-            raise _Tainted
-
-    async def _failed(self, d: Disposable, queue: _Queue, exc: Exception) -> None:
+    async def _failed(self, d: Disposable, queue: Queue, exc: BaseException) -> None:
         """A bring-up failed: nobody waits on ``d`` any longer (Qubes #10928), it is
-        destroyed, and its template backs off before the next attempt."""
+        destroyed, and a failing template backs off before its next preload."""
         self._log.warning("%s (%s) failed: %s", d.name, d.template, exc)
-        self._settle(d, exc)
-        if d.stage in (Stage.USED, Stage.TAINTED):
+        d.settle(exc)
+        if d.stage in HANDED_OUT:
             return  # someone is using it: never destroyed under them
         if d.stage in POOL:
             self.bus.publish(
                 "preload-failed", {"name": d.name, "template": d.template, "error": str(exc)}
             )
         if d.stage is not Stage.DESTROYING:
-            self._transition(d, Event.FAIL)
+            self.books.move(d, Event.FAIL)
         if d.origin == "preload":
             queue.failures += 1
             backoff = min(
-                self._config.pool.failure_backoff * 2 ** (queue.failures - 1),
-                self._config.pool.failure_backoff_max,
+                self.config.pool.failure_backoff * 2 ** (queue.failures - 1),
+                self.config.pool.failure_backoff_max,
             )
             queue.retry_at = asyncio.get_running_loop().time() + backoff
-        await self._destroy(d)
-
-    def _settle(self, d: Disposable, exc: BaseException) -> None:
-        if not d.ready.done():
-            d.ready.set_exception(exc)
-            # Mark it retrieved: nobody may be waiting, and that is fine.
-            d.ready.exception()
+        await self._destroy(d, f"failed: {exc}")
 
     def _release_reservation(self, d: Disposable) -> None:
         self._pending_mib -= d.reserved_mib
@@ -705,18 +654,19 @@ class Pool:
     def _end(self, d: Disposable, event: Event, reason: str) -> None:
         """Move ``d`` towards destruction (``event`` says why) and make sure it happens."""
         was = d.stage
-        self._transition(d, event)
+        self.books.move(d, event)
         if was is Stage.DESTROYING:
             return
         self._log.info("%s (%s): %s", d.name, was.value, reason)
-        self._settle(d, _Discarded(reason))
+        d.settle(StartFailed(f"{d.name}: {reason}"))
         if d.bring_up is not None and not d.bring_up.done():
-            if d.step is not None:
-                d.step.cancel()
+            if d.waiting is not None:
+                d.waiting.cancel()
             return  # the bring-up destroys it as soon as its current step ends
-        d.destroying = self._spawn(
-            self._destroy(d, reason, refill=was in POOL), f"destroy {d.name}"
-        )
+        self._spawn_destroy(d, reason, refill=was in POOL)
+
+    def _spawn_destroy(self, d: Disposable, reason: str, *, refill: bool) -> None:
+        d.destroying = self._spawn(self._destroy(d, reason, refill=refill), f"destroy {d.name}")
 
     async def _destroy(
         self, d: Disposable, reason: str = "discarded", *, refill: bool = True
@@ -737,7 +687,7 @@ class Pool:
                 self._log.error("%s: %s; retrying in %g s", d.name, exc, DESTROY_RETRY)
                 await asyncio.sleep(DESTROY_RETRY)
         self._memory.forget(d.name)
-        self._transition(d, Event.DESTROYED)
+        self.books.move(d, Event.DESTROYED)
         self.bus.publish("removed", {"name": d.name, "template": d.template, "reason": reason})
         # Memory came free: templates short of it may fill now.
         for queue in self._queues.values():
@@ -748,7 +698,7 @@ class Pool:
 
     async def _watch_backend(self) -> None:
         async for event in self._backend.events():
-            d = self._books.get(event.name)
+            d = self.books.get(event.name)
             if d is None:
                 continue
             if event.kind is DomainEventKind.DIED:
@@ -761,36 +711,44 @@ class Pool:
     def _on_death(self, d: Disposable) -> None:
         if d.stage is Stage.DESTROYING:
             return
+        if d.bring_up is not None and not d.bring_up.done():
+            # Dying while being brought up is a failed start (the template backs off),
+            # not a discard: the bring-up learns it at its next checkpoint.
+            self._log.warning("%s died while starting", d.name)
+            self._died.add(d.name)
+            if d.waiting is not None:
+                d.waiting.cancel()
+            return
         if d.stage in POOL:
             self._log.warning("preload %s died", d.name)
         self._end(d, Event.DIE, "the domain died")
 
     def _on_unpause(self, d: Disposable) -> None:
-        if d.stage in (Stage.PAUSED, Stage.SHRINKING):
+        if d.stage in (Stage.PAUSED, Stage.SHRINKING, Stage.REQUESTED):
+            # In the pool, or taken by a request that has not handed it over yet (that
+            # request moves on to another).
             self._taint(d)
-        elif d.stage is Stage.REQUESTED and d.delivered:
+        elif d.stage is Stage.HANDED_PAUSED:
             # Handed out paused; the caller's unpause is the use.
-            self._transition(d, Event.UNPAUSE)
+            self.books.move(d, Event.UNPAUSE)
             d.paused = False
             self._memory.include(d.name)
             self.bus.publish("used", {"name": d.name, "template": d.template})
             if (queue := self._queues.get(d.template)) is not None:
                 self._refill_after_use(queue)
-        elif d.stage is Stage.REQUESTED:
-            self._taint(d)  # its request has not handed it over yet: that one moves on
         else:
-            self._transition(d, Event.UNPAUSE)
+            self.books.move(d, Event.UNPAUSE)
 
     async def _watch_templates(self) -> None:
         """Notice template files changing on disk: outdated preloads are discarded at
         once; new ones start once the files have stopped changing for one interval."""
         while True:
-            await asyncio.sleep(self._config.pool.refresh_check_interval)
+            await asyncio.sleep(self.config.pool.refresh_check_interval)
             for queue in list(self._queues.values()):
                 fingerprint = await asyncio.to_thread(queue.settings.fingerprint)
                 self._fingerprint_seen(queue, fingerprint)
 
-    def _fingerprint_seen(self, queue: _Queue, fingerprint: str) -> None:
+    def _fingerprint_seen(self, queue: Queue, fingerprint: str) -> None:
         if self._queues.get(queue.name) is not queue:
             return
         if fingerprint != queue.fingerprint:
@@ -806,27 +764,19 @@ class Pool:
     async def set_max(self, template: str | None, value: int | None) -> None:
         """Set (or, with None, drop) the run-time override of a template's maximum, or of
         the global one (``template`` None). The configuration's value applies without one."""
-        if value is not None and not (0 <= value <= MAX_PRELOAD):
-            raise BadRequest(f"max must be between 0 and {MAX_PRELOAD}")
         if template is None:
-            key = GLOBAL_MAX
-            affected = [self._config.pool.default_dispvm]
+            affected = self.config.pool.default_dispvm
+        elif not self._queue(template).settings.dispvm_template:
+            raise NotADispvmTemplate(f"{template} is not a disposable template")
         else:
-            queue = self._queue(template)
-            if not queue.settings.dispvm_template:
-                raise NotADispvmTemplate(f"{template} is not a disposable template")
-            key = TEMPLATE_MAX_PREFIX + template
-            affected = [template]
-        self._set_override(key, value)
-        for name in affected:
-            if name is not None and (target := self._queues.get(name)) is not None:
-                self._schedule_fill(target)
+            affected = template
+        self.limits.set_max(template, value)
+        if affected is not None and (queue := self._queues.get(affected)) is not None:
+            self._schedule_fill(queue)
 
     async def set_threshold(self, mib: int | None) -> None:
         """Set (or drop) the run-time override of the free-memory threshold."""
-        if mib is not None and mib < 0:
-            raise BadRequest("the threshold must not be negative")
-        self._set_override(THRESHOLD, mib)
+        self.limits.set_threshold(mib)
         for queue in self._queues.values():
             self._schedule_fill(queue)
 
@@ -834,13 +784,12 @@ class Pool:
         """Discard the template's preloads and make new ones (it was updated)."""
         self._refresh(self._queue(template), "refresh requested")
 
-    def _refresh(self, queue: _Queue, reason: str) -> None:
-        discarded = 0
-        for d in self._members(queue.name):
+    def _refresh(self, queue: Queue, reason: str) -> None:
+        members = self.books.members(queue.name)
+        for d in members:
             self._end(d, Event.DISCARD, reason)
-            discarded += 1
         self.bus.publish(
-            "refreshed", {"template": queue.name, "reason": reason, "discarded": discarded}
+            "refreshed", {"template": queue.name, "reason": reason, "discarded": len(members)}
         )
         self._schedule_fill(queue)
 
@@ -849,13 +798,11 @@ class Pool:
         self._suspended = True
         for queue in self._queues.values():
             self._cancel_timer(queue)
-        for d in list(self._books.values()):
-            if d.stage in POOL:
-                self._end(d, Event.DISCARD, "host suspend")
+        for d in self.books.in_stage(*POOL):
+            self._end(d, Event.DISCARD, "host suspend")
         work = [
             t
-            for d in self._books.values()
-            if d.stage is Stage.DESTROYING
+            for d in self.books.in_stage(Stage.DESTROYING)
             for t in (d.bring_up, d.destroying)
             if t is not None and not t.done()
         ]
@@ -873,20 +820,21 @@ class Pool:
     async def reconfigure(self, config: Config) -> None:
         """Apply a reloaded configuration: new templates fill, removed ones lose their
         preloads, changed definitions are refreshed, changed limits apply."""
-        old = self._config
-        self._config = config
+        old = self.config
+        self.config = config
+        self.limits.reconfigure(config)
         if config.pool.max_concurrent_starts != old.pool.max_concurrent_starts:
             self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
         for name in old.templates.keys() - config.templates.keys():
             queue = self._queues.pop(name)
             self._cancel_timer(queue)
-            for d in self._members(name):
+            for d in self.books.members(name):
                 self._end(d, Event.DISCARD, "template removed from the configuration")
         for name, settings in config.templates.items():
             fingerprint = await asyncio.to_thread(settings.fingerprint)
             current = self._queues.get(name)
             if current is None:
-                self._queues[name] = _Queue(name, settings, fingerprint)
+                self._queues[name] = Queue(name, settings, fingerprint)
             elif settings != current.settings or fingerprint != current.fingerprint:
                 current.settings = settings
                 current.fingerprint = fingerprint
@@ -894,20 +842,7 @@ class Pool:
         for queue in self._queues.values():
             self._schedule_fill(queue)
 
-    def _set_override(self, key: str, value: int | None) -> None:
-        self._journal.set_setting(key, value)
-        if value is None:
-            self._overrides.pop(key, None)
-        else:
-            self._overrides[key] = value
-
-    def _setting_keys(self) -> Iterable[str]:
-        yield GLOBAL_MAX
-        yield THRESHOLD
-        for name in self._queues:
-            yield TEMPLATE_MAX_PREFIX + name
-
-    def _queue(self, template: str) -> _Queue:
+    def _queue(self, template: str) -> Queue:
         queue = self._queues.get(template)
         if queue is None:
             raise NoSuchTemplate(f"no template named {template!r}")
@@ -915,37 +850,35 @@ class Pool:
 
     # == status =========================================================================
 
-    def status(self, template: str | None = None) -> dict[str, Any]:
-        """The pools as the protocol's ``status`` op reports them."""
+    def status(self, template: str | None = None) -> PoolView:
+        """Every template's pool (or one template's), and the memory figures."""
         if template is not None:
             self._queue(template)
             names = [template]
         else:
-            names = sorted(self._queues.keys() | {d.template for d in self._books.values()})
-        by_template: dict[str, list[Disposable]] = {name: [] for name in names}
-        for d in self._books.values():
-            if d.template in by_template:
-                by_template[d.template].append(d)
-        return {
-            "templates": [
-                {
-                    "name": name,
-                    "max": self.effective_max(name),
-                    "threshold_gap": queue.gap if (queue := self._queues.get(name)) else 0,
-                    "disposables": [
-                        _describe(d) for d in sorted(by_template[name], key=lambda d: d.since)
-                    ],
-                }
+            names = sorted(self._queues.keys() | self.books.templates())
+        members: dict[str, list[Disposable]] = {name: [] for name in names}
+        for d in self.books:
+            if d.template in members:
+                members[d.template].append(d)
+        return PoolView(
+            templates=[
+                TemplateView(
+                    name=name,
+                    max=self.effective_max(name),
+                    threshold_gap=queue.gap if (queue := self._queues.get(name)) else 0,
+                    disposables=[d.view() for d in sorted(members[name], key=lambda d: d.since)],
+                )
                 for name in names
             ],
-            "memory": {**self._memory.status(), "threshold_mib": self.threshold_mib()},
-        }
+            memory={**self._memory.status(), "threshold_mib": self.threshold_mib()},
+        )
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        preloaded = sum(1 for d in self._books.values() if d.stage is Stage.PAUSED)
-        starting = sum(1 for d in self._books.values() if d.stage in POOL) - preloaded
-        handed_out = sum(1 for d in self._books.values() if d.stage in HANDED_OUT)
+        preloaded = len(self.books.in_stage(Stage.PAUSED))
+        starting = len(self.books.in_stage(*POOL)) - preloaded
+        handed_out = len(self.books.in_stage(Stage.REQUESTED, *HANDED_OUT))
         wanted = sum(self.effective_max(name) for name in self._queues)
         gap = sum(queue.gap for queue in self._queues.values())
         line = f"{preloaded}/{wanted} preloaded, {starting} starting, {handed_out} handed out"
@@ -955,19 +888,7 @@ class Pool:
             line += ", suspended"
         return line
 
-    # == bookkeeping ====================================================================
-
-    def _transition(self, d: Disposable, event: Event) -> None:
-        """The one place a stage changes: books and journal together."""
-        stage = next_stage(d.name, d.stage, event)
-        if stage is None:
-            del self._books[d.name]
-            self._journal.remove(d.name)
-            return
-        if stage is not d.stage:
-            d.stage = stage
-            d.since = self._now()
-        self._journal.put(d.record())
+    # == tasks ==========================================================================
 
     def _spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
@@ -988,12 +909,17 @@ class Pool:
     # == restart recovery ===============================================================
 
     async def _recover(self) -> None:
-        """Bring the journal and the backend's domains into agreement (see the journal's
-        docstring for what each recorded stage means after a crash)."""
-        owner = self._config.daemon.instance
-        found = {info.name: info for info in await self._backend.list_owned(owner)}
-        for record in self._journal.records():
-            info = found.pop(record.name, None)
+        """Carry out :func:`dispoold.recovery.plan` for the journal's records and the
+        domains carrying this daemon's marker."""
+        found = await self._backend.list_owned(self.config.daemon.instance)
+        fingerprints = {
+            name: queue.fingerprint
+            for name, queue in self._queues.items()
+            if queue.settings.dispvm_template
+        }
+        decisions, strays = plan(self._journal.records(), found, fingerprints)
+        for decision in decisions:
+            record, info = decision.record, decision.domain
             d = Disposable(
                 name=record.name,
                 dispid=record.dispid,
@@ -1003,53 +929,45 @@ class Pool:
                 stage=record.stage,
                 since=record.since,
                 domid=record.domid,
-                delivered=record.delivered,
             )
-            self._books[d.name] = d
+            self.books.adopt(d)
             if info is None:
-                self._log.info("%s (%s) no longer exists", d.name, d.stage.value)
-                del self._books[d.name]
-                self._journal.remove(d.name)
+                self._log.info("%s: %s", d.name, decision.reason)
+                self.books.forget(d)
                 continue
             d.domid, d.paused, d.memory_mib = info.domid, info.paused, info.memory_mib
-            if info.shutdown:
-                self._end(d, Event.DIE, "found dead at start-up")
-            elif d.stage is Stage.PAUSED:
-                self._readopt(d)
-            elif d.stage in POOL:
-                self._end(d, Event.DISCARD, "half-started when the daemon stopped")
-            elif d.stage is Stage.REQUESTED and not d.delivered:
-                self._end(d, Event.DISCARD, "its request was cut short by a restart")
-            elif d.stage is Stage.REQUESTED and not d.paused:
-                self._transition(d, Event.UNPAUSE)  # its caller unpaused it meanwhile
+            self._apply(d, decision.fate, decision.reason)
+        for stray in strays:
+            await self._adopt_stray(stray.domain, stray.track)
+
+    def _apply(self, d: Disposable, fate: Fate, reason: str) -> None:
+        match fate:
+            case Fate.READOPT:
+                self._memory.exclude(d.name)
+                d.settle()
+                self._log.info("%s: %s (%s)", d.name, reason, d.template)
+            case Fate.TAINT:
+                self._taint(d)
+            case Fate.DISCARD:
+                self._end(d, Event.DISCARD, reason)
+            case Fate.DESTROY:
+                self._log.info("%s (%s): %s", d.name, d.stage.value, reason)
+                if d.stage is not Stage.DESTROYING:
+                    self.books.move(d, Event.DIE)
+                self._spawn_destroy(d, reason, refill=True)
+            case Fate.USED:
+                self.books.move(d, Event.UNPAUSE)
                 self._memory.include(d.name)
-            elif d.stage is Stage.DESTROYING:
-                d.destroying = self._spawn(self._destroy(d, "destroyed at start-up"), d.name)
-            else:
-                self._log.info("%s: still %s", d.name, d.stage.value)
-        for info in found.values():
-            await self._reconcile(info)
+            case Fate.KEEP:
+                self._log.info("%s: %s", d.name, reason)
+                if d.stage is not Stage.HANDED_PAUSED:
+                    self._memory.include(d.name)  # running: it takes part in balancing
+            case Fate.DROP:  # pragma: no cover - handled before, without a domain
+                self.books.forget(d)
 
-    def _readopt(self, d: Disposable) -> None:
-        queue = self._queues.get(d.template)
-        if not d.paused:
-            self._taint(d)
-        elif queue is None or not queue.settings.dispvm_template:
-            self._end(d, Event.DISCARD, "its template is no longer configured")
-        elif d.fingerprint != queue.fingerprint:
-            self._end(d, Event.DISCARD, "outdated")
-        else:
-            self._memory.exclude(d.name)
-            d.ready.set_result(None)
-            self._log.info("%s: paused preload of %s re-adopted", d.name, d.template)
-
-    async def _reconcile(self, info: DomainInfo) -> None:
-        """A domain carrying our marker that the journal does not know (the state
-        directory was lost or damaged). A running one may be someone's: it is tracked as
-        handed out until released or dead. A paused or dead one is destroyed."""
+    async def _adopt_stray(self, info: DomainInfo, track: bool) -> None:
         marker = info.marker
-        taken = {d.dispid for d in self._books.values()}
-        if info.paused or info.shutdown or marker is None or marker.dispid in taken:
+        if not track or marker is None:
             self._log.warning("%s: marked as ours but not in the journal; destroying", info.name)
             await self._backend.destroy(info.name)
             return
@@ -1062,37 +980,23 @@ class Pool:
             stage=Stage.USED,
             since=self._now(),
             domid=info.domid,
-            delivered=True,
             memory_mib=info.memory_mib,
         )
-        self._books[d.name] = d
-        self._journal.put(d.record())
+        self.books.adopt(d)
         self._memory.include(d.name)
         self._log.warning(
             "%s: running, marked as ours but not in the journal; tracked as handed out", d.name
         )
 
 
-class _NoRoom(Exception):
-    """Starting this preload now would eat into the memory threshold."""
-
-
-class _Tainted(_Discarded):
-    """Unpaused by someone else while being brought up: it is left alone."""
-
-
-def _describe(d: Disposable) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": d.name,
-        "domid": d.domid,
-        "stage": d.stage.value,
-        "since": d.since,
-        "memory_mib": d.memory_mib,
-    }
-    if d.note is not None:
-        entry["note"] = d.note
-    return entry
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()
+def _request_error(problem: BaseException | None) -> DispooldError:
+    """The error a request ends with when its last origin failed, from the engine's own
+    family whatever the port raised."""
+    match problem:
+        case DispooldError():
+            return problem
+        case HostOutOfMemory():
+            return NoMemory(str(problem))
+        case None:
+            return StartFailed("the disposable was lost before its hand-over")
+    return StartFailed(str(problem))

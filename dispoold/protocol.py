@@ -1,25 +1,34 @@
-"""The wire protocol, version 1: framing, error codes and the shape of every message.
+"""The wire protocol, version 1: framing, the table of operations, errors, replies.
 
 Shared by the server (:mod:`dispoold.rpc`) and the clients (:mod:`dispoold.client`),
-so that each shape is declared once. Nothing here knows about VMs or the pool: this
-module turns bytes into checked values and back. ``docs/protocol.md`` is the
-description for people; this is the one for programs.
+so that each shape is declared once. ``docs/protocol.md`` is the description for people;
+this is the one for programs.
 
-A frame is a 4-byte big-endian length N (at most :data:`MAX_FRAME`), then N bytes
-holding exactly one msgpack map.
+- A frame is a 4-byte big-endian length N (at most :data:`MAX_FRAME`), then N bytes
+  holding exactly one msgpack map.
+- :data:`OPERATIONS` is the whole public surface, closed: for each operation its
+  argument model, its result model, who may call it, how it runs, and the engine call it
+  makes. The server dispatches from this table alone, and the client checks every result
+  against the same models. Adding an operation is a row here and a method on the engine.
+- :func:`error_for` is the one place an error becomes a wire code: only the engine's
+  family (:mod:`dispoold.errors`) maps; anything else is a bug.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dispoold.events import EVENT_NAMES
+from dispoold import __version__, errors
+from dispoold.events import EVENT_NAMES, EventBus, Subscription
+from dispoold.limits import MAX_PRELOAD
+from dispoold.views import Handout, PoolView, View
 
 PROTOCOL_VERSION = 1
 #: The largest frame body either side sends or accepts, in bytes.
@@ -46,15 +55,39 @@ class ErrorCode(StrEnum):
     BACKEND_ERROR = "backend_error"
     NOT_FOUND = "not_found"
     SHUTTING_DOWN = "shutting_down"
+    #: The daemon has no room for this connection or request now: try again later.
+    BUSY = "busy"
+    #: A subscriber fell too far behind and its stream was ended: subscribe again.
+    CUT_OFF = "cut_off"
 
 
-class WireError(Exception):
-    """A request must be answered with an error reply of ``code``."""
+#: Codes after which the same call may succeed if made again later, unchanged.
+RETRY_LATER = frozenset(
+    {ErrorCode.BUSY, ErrorCode.NO_MEMORY, ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN}
+)
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+#: The engine's errors and their wire codes, most specific first.
+_ERROR_CODES: tuple[tuple[type[errors.DispooldError], ErrorCode], ...] = (
+    (errors.BadRequest, ErrorCode.BAD_REQUEST),
+    (errors.NoSuchTemplate, ErrorCode.NO_SUCH_TEMPLATE),
+    (errors.NotADispvmTemplate, ErrorCode.NOT_A_DISPVM_TEMPLATE),
+    (errors.NotFound, ErrorCode.NOT_FOUND),
+    (errors.NoMemory, ErrorCode.NO_MEMORY),
+    (errors.RequestTimeout, ErrorCode.TIMEOUT),
+    (errors.ShuttingDown, ErrorCode.SHUTTING_DOWN),
+    (errors.StartFailed, ErrorCode.BACKEND_ERROR),
+    (errors.HypervisorError, ErrorCode.BACKEND_ERROR),
+    (errors.DispidsExhausted, ErrorCode.BACKEND_ERROR),
+)
+
+
+def error_for(exc: BaseException) -> tuple[ErrorCode, str] | None:
+    """The wire code and message for an error a request ended with, or None when the
+    error is not the engine's (a bug: the caller logs it and answers "internal error")."""
+    for kind, code in _ERROR_CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return None
 
 
 class FrameError(Exception):
@@ -109,6 +142,21 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def describe_validation(exc: ValidationError, *, prefix: str = "") -> str:
+    """A validation failure in words a person can act on, naming each field:
+    ``field: problem; field: problem``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required"
+        parts.append(f"{where or '(top level)'}: {message}")
+    return "; ".join(parts)
+
+
 # -- requests -----------------------------------------------------------------------
 
 #: Client-sent strings: bounded, so that a huge string is refused by name.
@@ -116,23 +164,23 @@ WireStr = Annotated[str, Field(max_length=MAX_STRING)]
 RequestId = Annotated[int, Field(ge=0, le=MAX_ID)]
 
 
-class _Strict(BaseModel):
+class Args(BaseModel):
     # strict: "1" is not 1 and 1.0 is not True; extra="forbid": an unknown key is an
     # error, never ignored (protocol v1).
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-class Envelope(_Strict):
+class Envelope(Args):
     id: RequestId
     op: WireStr
     args: dict[WireStr, Any] = Field(default_factory=dict)
 
 
-class NoArgs(_Strict):
+class NoArgs(Args):
     pass
 
 
-class RequestArgs(_Strict):
+class RequestArgs(Args):
     target: WireStr = "@dispvm"
     #: The calling qube, for ``@dispvm``; nil is the same as leaving it out.
     source: WireStr | None = None
@@ -141,31 +189,31 @@ class RequestArgs(_Strict):
     timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
-class ReleaseArgs(_Strict):
+class ReleaseArgs(Args):
     name: WireStr
 
 
-class StatusArgs(_Strict):
+class StatusArgs(Args):
     template: WireStr | None = None
 
 
-class SetMaxArgs(_Strict):
+class SetMaxArgs(Args):
     #: nil (or absent): the global value.
     template: WireStr | None = None
     #: nil deletes the run-time override; the key itself is required.
-    max: Annotated[int, Field(ge=0, le=1000)] | None
+    max: Annotated[int, Field(ge=0, le=MAX_PRELOAD)] | None
 
 
-class SetThresholdArgs(_Strict):
+class SetThresholdArgs(Args):
     #: nil deletes the run-time override; the key itself is required.
     mib: Annotated[int, Field(ge=0, le=2**40)] | None
 
 
-class RefreshArgs(_Strict):
+class RefreshArgs(Args):
     template: WireStr
 
 
-class SubscribeArgs(_Strict):
+class SubscribeArgs(Args):
     events: Annotated[list[WireStr], Field(max_length=MAX_EVENT_NAMES)] | None = None
 
     @field_validator("events")
@@ -177,90 +225,215 @@ class SubscribeArgs(_Strict):
         return value
 
 
-#: Every operation and the model its ``args`` must satisfy: the whole public surface.
-ARGS: dict[str, type[_Strict]] = {
-    "ping": NoArgs,
-    "request": RequestArgs,
-    "release": ReleaseArgs,
-    "status": StatusArgs,
-    "set_max": SetMaxArgs,
-    "set_threshold": SetThresholdArgs,
-    "refresh": RefreshArgs,
-    "subscribe": SubscribeArgs,
-    "suspend": NoArgs,
-    "resume": NoArgs,
+# -- results ------------------------------------------------------------------------
+
+
+class Pong(View):
+    protocol: int
+    version: str
+
+
+class Done(View):
+    """The result of an operation that only says it was done: ``{}``."""
+
+
+# -- the table ----------------------------------------------------------------------
+
+
+class Who(StrEnum):
+    #: uid 0, or a member of the configured group.
+    GROUP = "group"
+    #: uid 0 only.
+    ROOT = "root"
+
+
+class Runs(StrEnum):
+    #: Answered at once, in order, without waiting for anything (``status``).
+    INLINE = "inline"
+    #: Runs on its own task: a slow one never holds up the others on the connection.
+    TASK = "task"
+    #: Answered with ``{}``, then event frames until the connection closes.
+    STREAM = "stream"
+
+
+class Engine(Protocol):
+    """What the operations call: the pool engine (:class:`dispoold.pool.Pool`)."""
+
+    @property
+    def bus(self) -> EventBus: ...
+
+    async def request(
+        self, target: str, source: str | None, paused: bool, timeout: float | None
+    ) -> Handout: ...
+
+    async def release(self, name: str) -> None: ...
+
+    def status(self, template: str | None = None) -> PoolView: ...
+
+    async def set_max(self, template: str | None, value: int | None) -> None: ...
+
+    async def set_threshold(self, mib: int | None) -> None: ...
+
+    async def refresh(self, template: str) -> None: ...
+
+    async def suspend(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+A = TypeVar("A", bound=Args)
+R = TypeVar("R", bound=View)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation(Generic[A, R]):
+    name: str
+    args: type[A]
+    result: type[R]
+    who: Who
+    runs: Runs
+    #: The engine call. Returns the result (INLINE), an awaitable of it (TASK), or the
+    #: :class:`~dispoold.events.Subscription` to stream (STREAM).
+    call: Callable[[Engine, A], Any]
+    #: For an operation whose success hands something to the caller: undoes it when
+    #: the answer could not be delivered (the caller left), so nothing is leaked.
+    undo: Callable[[Engine, R], Awaitable[None]] | None = None
+
+    def check_result(self, untrusted_result: Mapping[str, Any]) -> R:
+        """The result a daemon answered with, as this operation's model (client side).
+        Raises :class:`~pydantic.ValidationError`."""
+        return self.result.model_validate(untrusted_result)
+
+
+async def _done(result: Awaitable[None]) -> Done:
+    await result
+    return Done()
+
+
+def _ping(engine: Engine, args: NoArgs) -> Pong:
+    return Pong(protocol=PROTOCOL_VERSION, version=__version__)
+
+
+def _subscribe(engine: Engine, args: SubscribeArgs) -> Subscription:
+    return engine.bus.subscribe(args.events)
+
+
+PING = Operation("ping", NoArgs, Pong, Who.GROUP, Runs.INLINE, _ping)
+REQUEST = Operation(
+    "request",
+    RequestArgs,
+    Handout,
+    Who.GROUP,
+    Runs.TASK,
+    lambda engine, a: engine.request(a.target, a.source, a.paused, a.timeout),
+    undo=lambda engine, handout: engine.release(handout.name),
+)
+RELEASE = Operation(
+    "release", ReleaseArgs, Done, Who.GROUP, Runs.TASK, lambda e, a: _done(e.release(a.name))
+)
+STATUS = Operation(
+    "status", StatusArgs, PoolView, Who.GROUP, Runs.INLINE, lambda e, a: e.status(a.template)
+)
+SET_MAX = Operation(
+    "set_max",
+    SetMaxArgs,
+    Done,
+    Who.ROOT,
+    Runs.TASK,
+    lambda e, a: _done(e.set_max(a.template, a.max)),
+)
+SET_THRESHOLD = Operation(
+    "set_threshold",
+    SetThresholdArgs,
+    Done,
+    Who.ROOT,
+    Runs.TASK,
+    lambda e, a: _done(e.set_threshold(a.mib)),
+)
+REFRESH = Operation(
+    "refresh", RefreshArgs, Done, Who.ROOT, Runs.TASK, lambda e, a: _done(e.refresh(a.template))
+)
+SUBSCRIBE = Operation("subscribe", SubscribeArgs, Done, Who.GROUP, Runs.STREAM, _subscribe)
+SUSPEND = Operation("suspend", NoArgs, Done, Who.ROOT, Runs.TASK, lambda e, a: _done(e.suspend()))
+RESUME = Operation("resume", NoArgs, Done, Who.ROOT, Runs.TASK, lambda e, a: _done(e.resume()))
+
+#: Every operation by name: the whole public surface of protocol version 1.
+OPERATIONS: Mapping[str, Operation[Any, Any]] = {
+    op.name: op
+    for op in (
+        PING,
+        REQUEST,
+        RELEASE,
+        STATUS,
+        SET_MAX,
+        SET_THRESHOLD,
+        REFRESH,
+        SUBSCRIBE,
+        SUSPEND,
+        RESUME,
+    )
 }
-
-#: Operations only uid 0 may call; the rest need uid 0 or the configured group.
-ROOT_ONLY = frozenset({"set_max", "set_threshold", "refresh", "suspend", "resume"})
-
-
-def describe_validation(exc: ValidationError, *, prefix: str = "") -> str:
-    """A validation failure in words a person can act on, naming each field."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] == "missing":
-            message = "required"
-        parts.append(f"{where or '(message)'}: {message}")
-    return "; ".join(parts)
 
 
 # -- replies ------------------------------------------------------------------------
 
 
-def ok_reply(request_id: int, result: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": request_id, "ok": True, "result": result}
+class Reply(BaseModel):
+    # Replies are read leniently: a newer server may add keys.
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class OkReply(Reply):
+    id: int
+    ok: bool
+    result: dict[str, Any]
+
+
+class ErrorBody(Reply):
+    code: str
+    message: str
+
+
+class ErrorReply(Reply):
+    #: nil for an error about the connection, not a request (a frame too large, ...).
+    id: int | None
+    ok: bool
+    error: ErrorBody
+
+
+class EventReply(Reply):
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+def ok_reply(request_id: int, result: View) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result.model_dump()}
 
 
 def error_reply(request_id: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code.value, "message": message}}
 
 
-def event_frame(request_id: int, name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+def event_reply(request_id: int, name: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "event": name, "data": data}
 
 
-class _Result(BaseModel):
-    # Results are read leniently: a newer server may add keys.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class PingResult(_Result):
-    protocol: int
-    version: str
-
-
-class Handout(_Result):
-    """The result of ``request``: the disposable the caller now owns."""
-
-    name: str
-    domid: int
-    dispid: int
-    template: str
-    origin: Literal["preload", "fresh"]
-    paused: bool
-    waited_ms: float
-
-
-class DisposableStatus(_Result):
-    name: str
-    domid: int | None
-    stage: str
-    since: float
-    memory_mib: int | None
-
-
-class TemplateStatus(_Result):
-    name: str
-    max: int
-    threshold_gap: int
-    disposables: list[DisposableStatus]
-
-
-class StatusResult(_Result):
-    templates: list[TemplateStatus]
-    memory: dict[str, Any]
+def read_reply(untrusted_message: Mapping[str, Any]) -> OkReply | ErrorReply | EventReply:
+    """One frame from the daemon, as the envelope it is. Raises :class:`FrameError`
+    for anything that is none of the three."""
+    if "event" in untrusted_message:
+        model: type[Reply] = EventReply
+    elif untrusted_message.get("ok") is True:
+        model = OkReply
+    elif untrusted_message.get("ok") is False:
+        model = ErrorReply
+    else:
+        raise FrameError(f"not a reply: keys {sorted(map(str, untrusted_message))}")
+    try:
+        reply = model.model_validate(untrusted_message)
+    except ValidationError as exc:
+        raise FrameError(f"malformed {model.__name__}: {describe_validation(exc)}") from None
+    if not isinstance(reply, OkReply | ErrorReply | EventReply):  # pragma: no cover
+        raise FrameError("not a reply")
+    return reply

@@ -26,108 +26,39 @@ import logging
 import select
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from dispoold import __version__, errors
-from dispoold.backend import BackendError
-from dispoold.events import EventBus, SubscriberOverflow, Subscription
-from dispoold.memory import MemoryManagerError, NoMemory
+from dispoold.events import SubscriberOverflow, Subscription
 from dispoold.protocol import (
-    ARGS,
     HEADER,
     MAX_FRAME,
     MAX_ID,
+    OPERATIONS,
     PROTOCOL_VERSION,
-    ROOT_ONLY,
+    Args,
+    Engine,
     Envelope,
     ErrorCode,
     FrameError,
-    RefreshArgs,
-    ReleaseArgs,
-    RequestArgs,
-    SetMaxArgs,
-    SetThresholdArgs,
-    StatusArgs,
-    SubscribeArgs,
-    WireError,
+    Operation,
+    Runs,
+    Who,
     describe_validation,
+    error_for,
     error_reply,
-    event_frame,
+    event_reply,
     ok_reply,
     pack_frame,
     unpack_body,
 )
+from dispoold.views import View
 
 INTERNAL_ERROR = "internal error, see the daemon's log"
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-
-
-class HandoutLike(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def as_dict(self) -> dict[str, Any]: ...
-
-
-class Engine(Protocol):
-    """What the server needs from the pool engine (:class:`dispoold.pool.Pool`)."""
-
-    @property
-    def bus(self) -> EventBus: ...
-
-    async def request(
-        self,
-        target: str = ...,
-        source: str | None = ...,
-        paused: bool = ...,
-        timeout: float | None = ...,
-    ) -> HandoutLike: ...
-
-    async def release(self, name: str) -> None: ...
-
-    def status(self, template: str | None = None) -> dict[str, Any]: ...
-
-    async def set_max(self, template: str | None, value: int | None) -> None: ...
-
-    async def set_threshold(self, mib: int | None) -> None: ...
-
-    async def refresh(self, template: str) -> None: ...
-
-    async def suspend(self) -> None: ...
-
-    async def resume(self) -> None: ...
-
-
-# -- the one place where errors become wire codes -----------------------------------
-
-
-def error_for(exc: BaseException) -> tuple[ErrorCode, str] | None:
-    """The wire code and message for an error a request ended with, or None when the
-    error is a bug (the caller logs it and answers :data:`INTERNAL_ERROR`)."""
-    match exc:
-        case WireError():
-            return exc.code, exc.message
-        case errors.BadRequest():
-            return ErrorCode.BAD_REQUEST, str(exc)
-        case errors.NoSuchTemplate():
-            return ErrorCode.NO_SUCH_TEMPLATE, str(exc)
-        case errors.NotADispvmTemplate():
-            return ErrorCode.NOT_A_DISPVM_TEMPLATE, str(exc)
-        case NoMemory():
-            return ErrorCode.NO_MEMORY, str(exc)
-        case errors.RequestTimeout():
-            return ErrorCode.TIMEOUT, str(exc)
-        case BackendError() | MemoryManagerError() | errors.DispidsExhausted():
-            return ErrorCode.BACKEND_ERROR, str(exc)
-        case errors.NotFound():
-            return ErrorCode.NOT_FOUND, str(exc)
-        case errors.ShuttingDown():
-            return ErrorCode.SHUTTING_DOWN, str(exc)
-    return None
 
 
 # -- who is calling -----------------------------------------------------------------
@@ -179,15 +110,15 @@ def _peer_groups(sock: Any) -> frozenset[int]:
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """Who may call what: uid 0 anything; members of ``gid`` everything but
-    :data:`~dispoold.protocol.ROOT_ONLY`; anyone else nothing."""
+    """Who may call what: uid 0 anything; members of ``gid`` the operations for the
+    group (:attr:`~dispoold.protocol.Who.GROUP`); anyone else nothing."""
 
     gid: int | None
 
-    def allows(self, peer: Peer, op: str) -> bool:
+    def allows(self, peer: Peer, who: Who) -> bool:
         if peer.uid == 0:
             return True
-        if op in ROOT_ONLY or self.gid is None:
+        if who is Who.ROOT or self.gid is None:
             return False
         return peer.gid == self.gid or self.gid in peer.groups
 
@@ -197,12 +128,12 @@ class Access:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A request that passed every check: a known op, allowed for this peer, with
-    arguments of the right types."""
+    """A request that passed every check: a known operation, allowed for this peer,
+    with arguments of the right types."""
 
     id: int
-    op: str
-    args: BaseModel
+    op: Operation[Any, Any]
+    args: Args
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,25 +159,26 @@ def check_request(untrusted_body: bytes, peer: Peer, access: Access) -> Command 
         envelope = Envelope.model_validate(untrusted_message)
     except ValidationError as exc:
         return Rejection(request_id, ErrorCode.BAD_REQUEST, describe_validation(exc))
-    model = ARGS.get(envelope.op)
-    if model is None:
+    op = OPERATIONS.get(envelope.op)
+    if op is None:
+        known = ", ".join(OPERATIONS)
         return Rejection(
             envelope.id,
             ErrorCode.UNKNOWN_OP,
-            f"unknown op {envelope.op!r}; protocol {PROTOCOL_VERSION} knows {', '.join(ARGS)}",
+            f"unknown op {envelope.op!r}; protocol {PROTOCOL_VERSION} knows {known}",
         )
-    if not access.allows(peer, envelope.op):
-        who = "root" if envelope.op in ROOT_ONLY else "root or the daemon's group"
+    if not access.allows(peer, op.who):
+        who = "root" if op.who is Who.ROOT else "root or the daemon's group"
         return Rejection(
-            envelope.id, ErrorCode.UNAUTHORIZED, f"{envelope.op} is for {who}; you are {peer}"
+            envelope.id, ErrorCode.UNAUTHORIZED, f"{op.name} is for {who}; you are {peer}"
         )
     try:
-        args = model.model_validate(envelope.args)
+        args = op.args.model_validate(envelope.args)
     except ValidationError as exc:
         return Rejection(
             envelope.id, ErrorCode.BAD_REQUEST, describe_validation(exc, prefix="args")
         )
-    return Command(envelope.id, envelope.op, args)
+    return Command(envelope.id, op, args)
 
 
 # -- the server ---------------------------------------------------------------------
@@ -280,14 +212,13 @@ class Server:
         access: Access,
         log: logging.Logger,
         limits: Limits = Limits(),
-        version: str = __version__,
     ) -> None:
         self.engine = engine
         #: Replaced on reload (SIGHUP); read on every request.
         self.access = access
         self.log = log
         self.limits = limits
-        self.version = version
+        #: Shutdown has begun: new requests are answered with ``shutting_down``.
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
@@ -298,10 +229,6 @@ class Server:
         self._server = await asyncio.start_unix_server(
             self._accept, sock=sock, limit=MAX_FRAME + HEADER.size
         )
-
-    def stopping(self) -> bool:
-        """Shutdown has begun: new requests are answered with ``shutting_down``."""
-        return self.closing
 
     @property
     def connections(self) -> int:
@@ -324,7 +251,7 @@ class Server:
         if tasks:
             await asyncio.wait(tasks, timeout=drain)
         cut = [
-            f"{p.command.op} (id {p.command.id}, {p.peer})"
+            f"{p.command.op.name} (id {p.command.id}, {p.peer})"
             for c in self._connections
             for t, p in c.tasks.items()
             if not t.done()
@@ -334,19 +261,25 @@ class Server:
             await asyncio.wait(list(self._reclaims), timeout=max(drain, 1.0))
         return cut
 
-    def reclaim(self, name: str, peer: Peer) -> None:
-        """A disposable was handed out to ``peer``, which left before hearing its name:
-        nobody else knows it, so release it rather than leak a running VM."""
-        self.log.warning("%s left before receiving %s; releasing it", peer, name)
-        task = asyncio.create_task(self._release_undelivered(name), name=f"reclaim-{name}")
+    def reclaim(self, command: Command, result: View, peer: Peer) -> None:
+        """``command`` succeeded, but ``peer`` left before hearing the answer: nobody
+        else knows what it was given (a disposable), so undo it rather than leak it."""
+        if command.op.undo is None:
+            return
+        self.log.warning(
+            "%s left before receiving the answer to %s; undoing it", peer, command.op.name
+        )
+        task = asyncio.create_task(self._undo(command.op, result), name=f"reclaim-{command.id}")
         self._reclaims.add(task)
         task.add_done_callback(self._reclaims.discard)
 
-    async def _release_undelivered(self, name: str) -> None:
+    async def _undo(self, op: Operation[Any, Any], result: View) -> None:
+        if op.undo is None:  # pragma: no cover - checked by reclaim
+            return
         try:
-            await self.engine.release(name)
+            await op.undo(self.engine, result)
         except Exception:
-            self.log.exception("could not release %s, which nobody received", name)
+            self.log.exception("could not undo %s, whose answer nobody received", op.name)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("socket"))
@@ -368,59 +301,6 @@ class Server:
         finally:
             self._connections.discard(connection)
 
-    # -- the operations, with plain arguments ----------------------------------------
-
-    def ping(self) -> dict[str, Any]:
-        return {"protocol": PROTOCOL_VERSION, "version": self.version}
-
-    def status(self, args: StatusArgs) -> dict[str, Any]:
-        return self.engine.status(args.template)
-
-    async def request(self, args: RequestArgs) -> dict[str, Any]:
-        handout = await self.engine.request(
-            target=args.target, source=args.source, paused=args.paused, timeout=args.timeout
-        )
-        return handout.as_dict()
-
-    async def release(self, args: ReleaseArgs) -> dict[str, Any]:
-        await self.engine.release(args.name)
-        return {}
-
-    async def set_max(self, args: SetMaxArgs) -> dict[str, Any]:
-        await self.engine.set_max(args.template, args.max)
-        return {}
-
-    async def set_threshold(self, args: SetThresholdArgs) -> dict[str, Any]:
-        await self.engine.set_threshold(args.mib)
-        return {}
-
-    async def refresh(self, args: RefreshArgs) -> dict[str, Any]:
-        await self.engine.refresh(args.template)
-        return {}
-
-    async def suspend(self, args: BaseModel) -> dict[str, Any]:
-        await self.engine.suspend()
-        return {}
-
-    async def resume(self, args: BaseModel) -> dict[str, Any]:
-        await self.engine.resume()
-        return {}
-
-    def subscribe(self, args: SubscribeArgs) -> Subscription:
-        return self.engine.bus.subscribe(args.events)
-
-    def _async_op(self, op: str) -> Callable[[Any], Awaitable[dict[str, Any]]]:
-        handlers: dict[str, Callable[[Any], Awaitable[dict[str, Any]]]] = {
-            "request": self.request,
-            "release": self.release,
-            "set_max": self.set_max,
-            "set_threshold": self.set_threshold,
-            "refresh": self.refresh,
-            "suspend": self.suspend,
-            "resume": self.resume,
-        }
-        return handlers[op]
-
 
 class _Connection:
     def __init__(
@@ -441,7 +321,7 @@ class _Connection:
         self._gone = False
 
     async def refuse(self, message: str) -> None:
-        await self.send(error_reply(None, ErrorCode.BACKEND_ERROR, message))
+        await self.send(error_reply(None, ErrorCode.BUSY, message))
         await self.close()
 
     async def serve(self) -> None:
@@ -492,34 +372,31 @@ class _Connection:
             await self.send(error_reply(checked.id, checked.code, checked.message))
             return
         command = checked
-        self.log.debug("%s: %s (id %d)", self.peer, command.op, command.id)
-        if self.server.closing:
-            await self.send(
-                error_reply(command.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-            )
-        elif command.op == "ping":
-            await self.send(ok_reply(command.id, self.server.ping()))
-        elif command.op == "status":
-            await self._inline(command, self.server.status)
-        elif command.op == "subscribe":
-            await self._subscribe(command)
-        else:
+        self.log.debug("%s: %s (id %d)", self.peer, command.op.name, command.id)
+        runs = command.op.runs
+        if runs is Runs.TASK:
             # Each request runs on its own, so a slow one never holds up the rest; the
             # semaphore makes a peer with too many of them wait before we read more.
             await self._slots.acquire()
-            if self.server.stopping():  # began while this one waited for a slot
+        if self.server.closing:  # also when shutdown began while this one waited
+            if runs is Runs.TASK:
                 self._slots.release()
-                await self.send(
-                    error_reply(command.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-                )
-                return
+            await self.send(
+                error_reply(command.id, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            )
+        elif runs is Runs.INLINE:
+            await self._inline(command)
+        elif runs is Runs.STREAM:
+            await self._subscribe(command)
+        else:
             pending = _Pending(command, self.peer)
-            task = asyncio.create_task(self._run(pending), name=f"rpc-{command.op}-{command.id}")
+            name = f"rpc-{command.op.name}-{command.id}"
+            task = asyncio.create_task(self._run(pending), name=name)
             self.tasks[task] = pending
 
-    async def _inline(self, command: Command, handler: Callable[[Any], dict[str, Any]]) -> None:
+    async def _inline(self, command: Command) -> None:
         try:
-            result = handler(command.args)
+            result = command.op.call(self.server.engine, command.args)
         except Exception as exc:
             await self.send(self._failure(command, exc))
         else:
@@ -528,7 +405,8 @@ class _Connection:
     async def _run(self, pending: _Pending) -> None:
         command = pending.command
         try:
-            result = await self.server._async_op(command.op)(command.args)
+            call: Awaitable[View] = command.op.call(self.server.engine, command.args)
+            result = await call
         except asyncio.CancelledError:
             if not pending.cut_short:
                 raise  # the peer is gone: nobody to answer
@@ -551,8 +429,8 @@ class _Connection:
                 delivered = not (self._gone or self._peer_hung_up())
                 raise
             finally:
-                if not delivered and command.op == "request":
-                    self.server.reclaim(str(result["name"]), self.peer)
+                if not delivered:
+                    self.server.reclaim(command, result, self.peer)
         finally:
             self._slots.release()
             self.tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
@@ -561,7 +439,11 @@ class _Connection:
         mapped = error_for(exc)
         if mapped is None:
             self.log.error(
-                "internal error in %s (id %d, %s)", command.op, command.id, self.peer, exc_info=exc
+                "internal error in %s (id %d, %s)",
+                command.op.name,
+                command.id,
+                self.peer,
+                exc_info=exc,
             )
             return error_reply(command.id, ErrorCode.BACKEND_ERROR, INTERNAL_ERROR)
         code, message = mapped
@@ -578,13 +460,13 @@ class _Connection:
             )
             return
         try:
-            subscription = self.server.subscribe(command.args)  # type: ignore[arg-type]
+            subscription: Subscription = command.op.call(self.server.engine, command.args)
         except Exception as exc:
             await self.send(self._failure(command, exc))
             return
         # The acknowledgement goes out before any event: whatever happens after the
         # client reads it is delivered.
-        await self.send(ok_reply(command.id, {}))
+        await self.send(ok_reply(command.id, command.op.result()))
         task = asyncio.create_task(
             self._stream(command.id, subscription), name=f"rpc-subscribe-{command.id}"
         )
@@ -593,11 +475,11 @@ class _Connection:
     async def _stream(self, request_id: int, subscription: Subscription) -> None:
         try:
             async for event in subscription:
-                if not await self.send(event_frame(request_id, event.name, event.data)):
+                if not await self.send(event_reply(request_id, event.name, event.data)):
                     return
         except SubscriberOverflow as exc:
             self.log.info("%s: subscription %d cut off: %s", self.peer, request_id, exc)
-            await self.send(error_reply(request_id, ErrorCode.BACKEND_ERROR, str(exc)))
+            await self.send(error_reply(request_id, ErrorCode.CUT_OFF, str(exc)))
             return
         finally:
             subscription.close()

@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dispoold.books import Disposable
 from dispoold.config import Config, MemorySettings
 from dispoold.events import EventBus, PoolEvent
 from dispoold.journal import Journal
 from dispoold.lifecycle import HANDED_OUT, POOL, Stage
-from dispoold.pool import Disposable, Pool
+from dispoold.pool import Pool
 from tests.doubles import FakeBackend, FakeMemory
 
 LOG = logging.getLogger("dispoold.test")
@@ -139,7 +140,11 @@ class Harness:
 
     @property
     def books(self) -> dict[str, Disposable]:
-        return self.pool._books
+        return {d.name: d for d in self.pool.books}
+
+    def status(self, template: str | None = None) -> dict[str, Any]:
+        """The engine's status as the wire carries it."""
+        return self.pool.status(template).model_dump()
 
     def names(self, *stages: Stage, template: str | None = None) -> list[str]:
         return sorted(

@@ -11,25 +11,26 @@ import pytest
 from dispoold import client
 from dispoold.client import (
     AsyncClient,
-    BackendError,
-    BadRequest,
     Client,
+    DaemonFailed,
+    DaemonStopping,
     DaemonUnavailable,
-    FrameTooLarge,
-    NoMemory,
-    NoSuchTemplate,
-    NotADispvmTemplate,
+    InvalidRequest,
+    MessageTooLarge,
     NotAllowed,
-    NotFound,
+    NotDisposableTemplate,
+    OutOfMemory,
+    PermissionRefused,
     RemoteError,
-    ShuttingDown,
     SocketAccessDenied,
-    Timeout,
-    Unauthorized,
-    UnknownOp,
+    TimedOut,
+    UnknownDisposable,
+    UnknownTemplate,
+    UnsupportedOperation,
     remote_error,
 )
-from dispoold.protocol import ErrorCode, Handout, StatusResult
+from dispoold.protocol import ErrorCode
+from dispoold.views import Handout, PoolView
 from tests.daemon_harness import DaemonProcess, running_daemon
 
 
@@ -57,10 +58,10 @@ def test_blocking_calls(daemon: DaemonProcess) -> None:
         vm = dispoold.request("@dispvm:fedora-dvm", source="work", timeout=30)
         assert isinstance(vm, Handout) and vm.template == "fedora-dvm"
         status = dispoold.status("fedora-dvm")
-        assert isinstance(status, StatusResult)
+        assert isinstance(status, PoolView)
         assert vm.name in {d.name for d in status.templates[0].disposables}
         dispoold.release(vm.name)
-        with pytest.raises(NotFound) as caught:
+        with pytest.raises(UnknownDisposable) as caught:
             dispoold.release(vm.name)
         assert caught.value.code == "not_found"
         assert dispoold.ping().version  # the connection survives an error
@@ -69,12 +70,12 @@ def test_blocking_calls(daemon: DaemonProcess) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"target": "@dispvm:nope"}, NoSuchTemplate),
-        ({"target": "@dispvm:plain"}, NotADispvmTemplate),
-        ({"target": "@dispvm:huge"}, NoMemory),
-        ({"target": "@dispvm:broken"}, BackendError),
-        ({"target": "@dispvm:slow", "timeout": 0.2}, Timeout),
-        ({"target": "nonsense"}, BadRequest),
+        ({"target": "@dispvm:nope"}, UnknownTemplate),
+        ({"target": "@dispvm:plain"}, NotDisposableTemplate),
+        ({"target": "@dispvm:huge"}, OutOfMemory),
+        ({"target": "@dispvm:broken"}, DaemonFailed),
+        ({"target": "@dispvm:slow", "timeout": 0.2}, TimedOut),
+        ({"target": "nonsense"}, InvalidRequest),
     ],
 )
 def test_typed_errors(daemon: DaemonProcess, kwargs: dict[str, object], error: type) -> None:
@@ -86,11 +87,11 @@ def test_typed_errors(daemon: DaemonProcess, kwargs: dict[str, object], error: t
 def test_raw_calls_and_protocol_errors(daemon: DaemonProcess) -> None:
     with Client(daemon.socket_path) as dispoold:
         assert dispoold.call("ping") == {"protocol": 1, "version": "0.1.0"}
-        with pytest.raises(UnknownOp):
+        with pytest.raises(UnsupportedOperation):
             dispoold.call("launch")
-        with pytest.raises(BadRequest, match=r"args\.colour: unknown key"):
+        with pytest.raises(InvalidRequest, match=r"args\.colour: unknown key"):
             dispoold.call("request", {"colour": "blue"})
-        with pytest.raises(FrameTooLarge):
+        with pytest.raises(MessageTooLarge):
             dispoold.call("ping", {"x": "y" * 70000})  # refused before it is sent
         assert dispoold.ping().protocol == 1
 
@@ -102,7 +103,7 @@ def test_root_only_wrappers_send_what_they_say(daemon: DaemonProcess) -> None:
         dispoold.set_threshold(0)
         dispoold.set_threshold(None)
         dispoold.refresh("debian-dvm")
-        with pytest.raises(NoSuchTemplate):
+        with pytest.raises(UnknownTemplate):
             dispoold.refresh("nope")
 
 
@@ -119,8 +120,8 @@ def test_a_daemon_that_is_not_running() -> None:
 
 
 def test_unauthorized_is_typed() -> None:
-    # Unauthorized from the daemon and SocketAccessDenied are both NotAllowed.
-    assert issubclass(Unauthorized, NotAllowed) and issubclass(Unauthorized, RemoteError)
+    # unauthorized from the daemon and SocketAccessDenied are both NotAllowed.
+    assert issubclass(PermissionRefused, NotAllowed) and issubclass(PermissionRefused, RemoteError)
 
 
 @pytest.mark.asyncio
@@ -130,7 +131,7 @@ async def test_concurrent_calls_on_one_connection_finish_in_their_own_order(
     finished: list[str] = []
 
     async def slow(dispoold: AsyncClient) -> None:
-        with pytest.raises(Timeout):
+        with pytest.raises(TimedOut):
             await dispoold.request("@dispvm:slow", timeout=0.5)
         finished.append("slow")
 
@@ -172,9 +173,9 @@ async def test_calls_in_flight_when_the_daemon_stops() -> None:
             waiting = asyncio.ensure_future(dispoold.request("@dispvm:slow", timeout=60))
             await asyncio.sleep(0.2)
             daemon.signal(signal.SIGTERM)
-            with pytest.raises(ShuttingDown, match="cut short"):
+            with pytest.raises(DaemonStopping, match="cut short"):
                 await waiting
-            with pytest.raises(ShuttingDown):
+            with pytest.raises(DaemonStopping):
                 async with asyncio.timeout(10):
                     async for _ in stream:
                         pass

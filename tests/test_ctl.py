@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dispoold import ctl
-from dispoold.protocol import StatusResult
+from dispoold.views import PoolView
 from tests.daemon_harness import REPO, DaemonProcess, clean_env, run_as, running_daemon
 
 DISPOOLCTL = Path(sys.executable).parent / "dispoolctl"
@@ -71,7 +71,7 @@ def test_json_goes_before_or_after_the_command(daemon: DaemonProcess, where: str
     status, out, _ = run(daemon, *argv)
     assert status == 0
     result = json.loads(out)
-    StatusResult.model_validate(result)
+    PoolView.model_validate(result)
     assert [t["name"] for t in result["templates"]] == ["fedora-dvm"]
 
 
@@ -279,7 +279,7 @@ def test_the_memory_figures_read_as_words() -> None:
 
 
 def test_the_status_table_renders_ages_and_blanks() -> None:
-    status = StatusResult.model_validate(
+    status = PoolView.model_validate(
         {
             "templates": [
                 {"name": "empty", "max": 0, "threshold_gap": 0, "disposables": []},
@@ -294,6 +294,7 @@ def test_the_status_table_renders_ages_and_blanks() -> None:
                             "stage": "paused",
                             "since": 1000.0,
                             "memory_mib": 410,
+                            "origin": "preload",
                         },
                         {
                             "name": "disp2",
@@ -301,6 +302,7 @@ def test_the_status_table_renders_ages_and_blanks() -> None:
                             "stage": "preload",
                             "since": 1000.0 - 3 * 3600,
                             "memory_mib": None,
+                            "origin": "preload",
                         },
                     ],
                 },

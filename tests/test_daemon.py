@@ -147,7 +147,7 @@ def test_status(daemon: DaemonProcess) -> None:
     assert set(fedora) == {"name", "max", "threshold_gap", "disposables"}
     assert fedora["max"] == 2 and fedora["threshold_gap"] == 0
     for vm in fedora["disposables"]:
-        assert set(vm) == {"name", "domid", "stage", "since", "memory_mib"}
+        assert set(vm) == {"name", "domid", "stage", "since", "memory_mib", "origin", "note"}
     only = call(daemon, "status", template="fedora-dvm")["result"]
     assert [t["name"] for t in only["templates"]] == ["fedora-dvm"]
     assert error_code(call(daemon, "status", template="nope")) == "no_such_template"

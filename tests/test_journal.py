@@ -31,7 +31,7 @@ class AlwaysSeven(random.Random):
 
 
 def record(name: str, dispid: int, stage: Stage = Stage.PRELOAD) -> Record:
-    return Record(name, dispid, "dvm", stage, 1.0, None, "preload", "f", False)
+    return Record(name, dispid, "dvm", stage, 1.0, None, "preload", "f")
 
 
 def test_records_survive_reopening(tmp_path: Path) -> None:
@@ -81,3 +81,34 @@ def test_a_damaged_journal_is_set_aside_and_a_new_one_started(tmp_path: Path) ->
     journal = Journal(path, log=LOG)
     assert journal.records() == []
     assert list(tmp_path.glob("j.sqlite.damaged-*"))
+
+
+def test_a_version_1_journal_is_migrated_and_keeps_its_hand_outs(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE disposables (name TEXT PRIMARY KEY, dispid INTEGER NOT NULL UNIQUE,
+            template TEXT NOT NULL, stage TEXT NOT NULL, since REAL NOT NULL, domid INTEGER,
+            origin TEXT NOT NULL, fingerprint TEXT NOT NULL,
+            delivered INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE freed_dispids (dispid INTEGER PRIMARY KEY, freed_at REAL NOT NULL);
+        CREATE TABLE settings (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO disposables VALUES ('disp1', 1, 'dvm', 'requested', 1.0, 5, 'preload', 'f', 1);
+        INSERT INTO disposables VALUES ('disp2', 2, 'dvm', 'requested', 1.0, 6, 'fresh', 'f', 0);
+        INSERT INTO disposables VALUES ('disp3', 3, 'dvm', 'used', 1.0, 7, 'preload', 'f', 1);
+        INSERT INTO settings VALUES ('max', 3);
+        PRAGMA user_version = 1;
+        """
+    )
+    old.close()
+    journal = Journal(path, log=LOG)
+    stages = {r.name: r.stage for r in journal.records()}
+    # Handed out paused (requested and delivered) is a stage of its own now; a request
+    # that had not answered its caller stays requested.
+    assert stages == {"disp1": Stage.HANDED_PAUSED, "disp2": Stage.REQUESTED, "disp3": Stage.USED}
+    assert journal.get_setting("max") == 3
+    journal.close()
+    assert Journal(path, log=LOG).records()[0].name == "disp1"  # reopened: no migration twice

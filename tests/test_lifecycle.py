@@ -27,8 +27,8 @@ PROTOCOL_STAGES = {
 
 
 def test_the_stages_are_the_protocols() -> None:
-    assert {stage.value for stage in Stage} == PROTOCOL_STAGES
-    assert POOL | HANDED_OUT | {Stage.DESTROYING} == set(Stage)
+    assert {stage.wire for stage in Stage} == PROTOCOL_STAGES
+    assert POOL | {Stage.REQUESTED} | HANDED_OUT | {Stage.DESTROYING} == set(Stage)
     assert not POOL & HANDED_OUT
 
 
@@ -60,6 +60,8 @@ def test_the_forward_path() -> None:
         (Stage.TAINTED, Event.DISCARD),
         (Stage.USED, Event.FAIL),
         (Stage.PAUSED, Event.HAND_OUT),  # only a request can hand out
+        (Stage.HANDED_PAUSED, Event.DISCARD),  # handed over: its caller has it
+        (Stage.REQUESTED, Event.RELEASE),  # not handed over yet: nothing to release
         (Stage.PRELOAD, Event.DESTROYED),  # destruction goes through destroying
     ],
 )
@@ -69,6 +71,6 @@ def test_illegal_moves_are_named_errors(stage: Stage, event: Event) -> None:
 
 
 def test_a_disposable_in_use_is_only_ended_by_its_user_or_its_death() -> None:
-    for stage in (Stage.USED, Stage.TAINTED):
+    for stage in HANDED_OUT:
         endings = {e for (s, e), n in TRANSITIONS.items() if s is stage and n is Stage.DESTROYING}
         assert endings == {Event.RELEASE, Event.DIE}

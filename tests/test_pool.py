@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from dispoold.backend import BackendError
 from dispoold.config import MemorySettings
 from dispoold.errors import (
     BadRequest,
     InvalidTarget,
+    NoMemory,
     NoSuchTemplate,
     NotADispvmTemplate,
     NotFound,
     RequestTimeout,
     ShuttingDown,
+    StartFailed,
 )
 from dispoold.lifecycle import Stage
-from dispoold.memory import NoMemory
-from dispoold.pool import Handout
+from dispoold.views import Handout
 from tests.doubles import FakeBackend
 from tests.pool_harness import Harness, make_config, settle
 from tests.virtual_time import run
@@ -79,7 +79,7 @@ def test_without_a_global_max_the_default_template_uses_its_own(tmp_path: Path) 
         await h.pool.set_max(None, None)
         await settle()
         assert len(h.names(PAUSED, template="dvm")) == 2
-        assert h.pool.status("dvm")["templates"][0]["max"] == 2
+        assert h.status("dvm")["templates"][0]["max"] == 2
         await h.stop()
 
     run(scenario())
@@ -144,14 +144,14 @@ def test_threshold_is_never_preloaded_into_and_the_gap_is_reported_then_filled(
         assert all(free_after >= 1000 for free_after in crossings)
         gaps = h.events_of("gap")
         assert gaps and gaps[-1]["missing"] >= 1 and gaps[-1]["threshold_mib"] == 1000
-        status = h.pool.status()
+        status = h.status()
         assert sum(t["threshold_gap"] for t in status["templates"]) == 1
         assert status["memory"]["threshold_mib"] == 1000
         # Memory frees up (the operator lowers the threshold): the gap closes by itself.
         await h.pool.set_threshold(200)
         await settle()
         assert len(h.names(PAUSED)) == 3
-        assert sum(t["threshold_gap"] for t in h.pool.status()["templates"]) == 0
+        assert sum(t["threshold_gap"] for t in h.status()["templates"]) == 0
         await h.stop()
 
     run(scenario())
@@ -257,7 +257,7 @@ def test_a_failed_shrink_is_shown_in_status_and_the_preload_is_paused_anyway(
         await h.start()
         await settle()
         [name] = h.names(PAUSED, template="dvm")
-        [entry] = h.pool.status("dvm")["templates"][0]["disposables"]
+        [entry] = h.status("dvm")["templates"][0]["disposables"]
         assert entry["name"] == name and entry["stage"] == "paused"
         assert "shrink failed" in entry["note"]
         await h.stop()
@@ -312,7 +312,7 @@ def test_a_paused_hand_out_becomes_used_when_its_caller_unpauses_it(tmp_path: Pa
         await settle()
         handout = await h.pool.request("@dispvm", paused=True)
         assert handout.paused and h.backend.domains[handout.name].paused
-        assert h.books[handout.name].stage is Stage.REQUESTED
+        assert h.books[handout.name].stage is Stage.HANDED_PAUSED
         assert "used" not in h.event_names()
         h.backend.external_unpause(handout.name)
         await settle(0.1)
@@ -444,7 +444,7 @@ def test_a_fresh_start_that_fails_reports_the_backend_error(tmp_path: Path) -> N
     async def scenario() -> None:
         h = Harness(tmp_path, make_config(max=0), backend=FakeBackend({"fail_create": ["dvm"]}))
         await h.start()
-        with pytest.raises(BackendError, match="injected"):
+        with pytest.raises(StartFailed, match="injected"):
             await h.pool.request("@dispvm")
         assert h.names(template="dvm") == []
         await h.stop()
@@ -780,16 +780,24 @@ def test_status_has_the_protocol_shape(tmp_path: Path) -> None:
         await h.start()
         await settle()
         handout = await h.pool.request("@dispvm")
-        status = h.pool.status()
+        status = h.status()
         assert [t["name"] for t in status["templates"]] == ["alt", "appvm", "dvm"]
         dvm = status["templates"][2]
         assert set(dvm) == {"name", "max", "threshold_gap", "disposables"}
         by_name = {d["name"]: d for d in dvm["disposables"]}
         assert by_name[handout.name]["stage"] == "used"
-        assert set(by_name[handout.name]) == {"name", "domid", "stage", "since", "memory_mib"}
+        assert set(by_name[handout.name]) == {
+            "name",
+            "domid",
+            "stage",
+            "since",
+            "memory_mib",
+            "origin",
+            "note",
+        }
         assert h.pool.summary() == "2/3 preloaded, 0 starting, 1 handed out"
         with pytest.raises(NoSuchTemplate):
-            h.pool.status("nope")
+            h.status("nope")
         await h.stop()
 
     run(scenario())

@@ -25,11 +25,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dispoold.backend import BackendError
-from dispoold.errors import NotFound, RequestTimeout
+from dispoold.errors import NoMemory, NotFound, RequestTimeout, StartFailed
 from dispoold.lifecycle import POOL, Stage
-from dispoold.memory import NoMemory
-from dispoold.pool import Handout
+from dispoold.views import Handout
 from tests.doubles import FakeBackend
 from tests.pool_harness import Harness, Wall, make_config
 from tests.virtual_time import _ABANDONED, VirtualTimeLoop, _cancel_all
@@ -143,7 +141,7 @@ class PoolMachine(RuleBasedStateMachine):
                 if handout.name in self.tainted:
                     self.violations.append(f"tainted {handout.name} handed out")
                 self.handed_out.add(handout.name)
-            elif not isinstance(exc, RequestTimeout | BackendError | NoMemory):
+            elif not isinstance(exc, RequestTimeout | StartFailed | NoMemory):
                 self.violations.append(f"request failed with {exc!r}")
         self.requests = still
         for event in self.harness.events:
@@ -172,7 +170,7 @@ class PoolMachine(RuleBasedStateMachine):
         names = sorted(
             n
             for n, d in self.harness.books.items()
-            if d.stage is Stage.REQUESTED and d.delivered and self.backend.domains[n].paused
+            if d.stage is Stage.HANDED_PAUSED and self.backend.domains[n].paused
         )
         if names:
             self.backend.external_unpause(data.draw(st.sampled_from(names)))

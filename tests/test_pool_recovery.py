@@ -51,7 +51,7 @@ def test_a_killed_daemon_readopts_paused_preloads_and_destroys_half_started_ones
             assert name not in second.backend.domains and name not in second.books
         assert [second.books[n].stage for n in state["handed_out"]] == [
             Stage.USED,
-            Stage.REQUESTED,
+            Stage.HANDED_PAUSED,
         ]
         second.check_books()
         await settle()

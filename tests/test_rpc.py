@@ -12,7 +12,7 @@ import logging
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,10 @@ import pytest_asyncio
 from dispoold import errors
 from dispoold.backend import BackendError
 from dispoold.events import EventBus
-from dispoold.memory import NoMemory
 from dispoold.protocol import HEADER, ErrorCode
 from dispoold.rpc import INTERNAL_ERROR, Access, Limits, Server
+from dispoold.views import Handout, PoolView
 from tests.daemon_harness import short_tempdir
-
-
-@dataclass(frozen=True)
-class StubHandout:
-    name: str
-    domid: int
-    dispid: int
-    template: str
-    origin: str
-    paused: bool
-    waited_ms: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class StubEngine:
@@ -62,7 +48,7 @@ class StubEngine:
         source: str | None = None,
         paused: bool = False,
         timeout: float | None = None,
-    ) -> StubHandout:
+    ) -> Handout:
         self.calls.append(("request", (target, source, paused, timeout)))
         if (failure := self.failures.get("request")) is not None:
             raise failure
@@ -73,7 +59,16 @@ class StubEngine:
                 self.cancelled.append(target)
                 raise
         self._next += 1
-        return StubHandout(f"disp{self._next}", self._next, self._next, "t", "preload", paused, 1.0)
+        n = self._next
+        return Handout(
+            name=f"disp{n}",
+            domid=n,
+            dispid=n,
+            template="t",
+            origin="preload",
+            paused=paused,
+            waited_ms=1.0,
+        )
 
     async def release(self, name: str) -> None:
         self.calls.append(("release", name))
@@ -81,11 +76,11 @@ class StubEngine:
             raise failure
         self.released.append(name)
 
-    def status(self, template: str | None = None) -> dict[str, Any]:
+    def status(self, template: str | None = None) -> PoolView:
         self.calls.append(("status", template))
         if (failure := self.failures.get("status")) is not None:
             raise failure
-        return {"templates": [], "memory": {}}
+        return PoolView(templates=[], memory={})
 
     async def set_max(self, template: str | None, value: int | None) -> None:
         self.calls.append(("set_max", (template, value)))
@@ -239,9 +234,10 @@ async def test_requests_past_the_in_flight_bound_wait_for_a_free_slot(directory:
         (errors.InvalidTarget("bad target"), ErrorCode.BAD_REQUEST),
         (errors.NoSuchTemplate("no such"), ErrorCode.NO_SUCH_TEMPLATE),
         (errors.NotADispvmTemplate("not one"), ErrorCode.NOT_A_DISPVM_TEMPLATE),
-        (NoMemory("no memory"), ErrorCode.NO_MEMORY),
+        (errors.NoMemory("no memory"), ErrorCode.NO_MEMORY),
         (errors.RequestTimeout("too slow"), ErrorCode.TIMEOUT),
-        (BackendError("create", "disp1", "boom"), ErrorCode.BACKEND_ERROR),
+        (errors.StartFailed("create disp1: boom"), ErrorCode.BACKEND_ERROR),
+        (errors.HypervisorError("destroy disp1: boom"), ErrorCode.BACKEND_ERROR),
         (errors.DispidsExhausted("all used"), ErrorCode.BACKEND_ERROR),
         (errors.ShuttingDown("stopping"), ErrorCode.SHUTTING_DOWN),
     ],
@@ -254,6 +250,21 @@ async def test_engine_errors_reach_the_caller_with_their_code(
     await peer.send({"id": 5, "op": "request"})
     reply = await peer.receive()
     assert reply == {"id": 5, "ok": False, "error": {"code": code.value, "message": str(failure)}}
+    await peer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_port_error_that_escapes_the_engine_is_a_bug(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine wraps what the backend raises into its own family; one that gets
+    # through unwrapped is not mapped to a code of its own, but logged as the bug it is.
+    rig.engine.failures["request"] = BackendError("create", "disp1", "boom")
+    peer = await rig.connect()
+    await peer.send({"id": 1, "op": "request"})
+    reply = await peer.receive()
+    assert reply["error"] == {"code": "backend_error", "message": INTERNAL_ERROR}
+    assert "internal error in request" in caplog.text
     await peer.close()
 
 
@@ -281,7 +292,8 @@ async def test_a_bug_is_logged_answered_and_survived(
 
 @pytest.mark.asyncio
 async def test_an_unencodable_result_is_an_internal_error(rig: Rig) -> None:
-    rig.engine.status = lambda template=None: {"templates": [object()], "memory": {}}  # type: ignore[method-assign]
+    unencodable = PoolView(templates=[], memory={"figure": object()})
+    rig.engine.status = lambda template=None: unencodable  # type: ignore[method-assign]
     peer = await rig.connect()
     await peer.send({"id": 1, "op": "status"})
     reply = await peer.receive()
@@ -316,7 +328,7 @@ async def test_connections_past_the_limit_are_told_and_closed(directory: Path) -
         assert (await peer.receive())["ok"] is True
     third = await rig.connect()
     reply = await third.receive()
-    assert reply["id"] is None and reply["error"]["code"] == "backend_error"
+    assert reply["id"] is None and reply["error"]["code"] == "busy"
     assert "too many connections" in reply["error"]["message"]
     assert await third.closed_by_server()
     await first.close()
@@ -336,7 +348,7 @@ async def test_one_uid_cannot_take_every_connection(directory: Path) -> None:
     assert (await first.receive())["ok"] is True
     second = await rig.connect()
     reply = await second.receive()
-    assert reply["error"]["code"] == "backend_error"
+    assert reply["error"]["code"] == "busy"
     assert "too many connections from uid 0 (1)" in reply["error"]["message"]
     assert await second.closed_by_server()
     await rig.stop()
@@ -389,7 +401,7 @@ async def test_a_subscriber_too_slow_to_read_is_cut_off(directory: Path) -> None
     while "error" not in (frame := await peer.receive()):
         frames.append(frame)
     assert [f["data"]["n"] for f in frames] == list(range(8))
-    assert frame["id"] == 1 and frame["error"]["code"] == "backend_error"
+    assert frame["id"] == 1 and frame["error"]["code"] == "cut_off"
     assert "subscribe again" in frame["error"]["message"]
     # Cut off from the bus: nothing more is queued for it.
     assert not rig.engine.bus._subscribers

@@ -176,8 +176,8 @@ async def run_pool(
 
 
 def paused(pool: Pool) -> int:
-    entries = pool.status()["templates"][0]["disposables"]
-    return sum(entry["stage"] == "paused" for entry in entries)
+    entries = pool.status().templates[0].disposables
+    return sum(entry.stage == "paused" for entry in entries)
 
 
 @pytest.mark.asyncio
@@ -196,7 +196,7 @@ async def test_the_pool_keeps_to_the_threshold_against_real_free_memory(
         count = paused(pool)
         status = pool.status()
         assert 3 <= count < 8, status
-        assert status["templates"][0]["threshold_gap"] > 0
+        assert status.templates[0].threshold_gap > 0
         # The engine counts the guest's memory; Xen also takes a few MiB per domain.
         slack = count * DOMAIN_OVERHEAD_MIB
         assert min(samples) >= threshold - slack, (min(samples), threshold, samples)
@@ -213,11 +213,11 @@ async def test_the_pool_completes_a_burst_of_eight_preloads(
     pool, _ = await run_pool(backend, balancer, pool_config(8, 0), tmp_path, seconds=400)
     try:
         assert paused(pool) == 8, pool.status()
-        for entry in pool.status()["templates"][0]["disposables"]:
-            info = await backend.memory(entry["name"])
+        for entry in pool.status().templates[0].disposables:
+            info = await backend.memory(entry.name)
             assert info.actual_mib <= info.target_mib * SETTINGS.convergence_ratio, entry
             assert info.target_mib < MEMORY, entry  # shrunk before pause
-            assert "note" not in entry, entry  # no failed or unconverged shrink
+            assert entry.note is None, entry  # no failed or unconverged shrink
         assert not balancer._lock.locked()
     finally:
         await pool.stop(10.0)

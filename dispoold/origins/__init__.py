@@ -1,0 +1,42 @@
+"""Where a disposable comes from: the ways the engine can answer a request.
+
+A request never says how its disposable is made. The engine asks its origins in order,
+fastest first (:data:`dispoold.pool.Pool.origins`), and the first that can claim one for
+the request's templates provides it:
+
+- :class:`~dispoold.origins.preload.Preloads`: a preload from the pool, paused and ready
+  (or still booting: the request then waits for it, within limits);
+- :class:`~dispoold.origins.fresh.FreshStart`: a new domain created and booted for this
+  request; it can always claim, so it comes last.
+
+A claim happens without an ``await`` between choosing a disposable and marking it
+``requested``, so two requests never get the same one. The request then waits for the
+claimed disposable's bring-up; if it cannot be handed over, the request asks the origin
+again (another preload), and when the origin is the last resort, it fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from dispoold.views import OriginName
+
+if TYPE_CHECKING:
+    from dispoold.books import Disposable
+
+
+class Origin(Protocol):
+    #: How the protocol names disposables from here (``origin`` in replies and status).
+    name: OriginName
+    #: True when a disposable this origin claimed cannot be handed over: the request
+    #: fails, rather than asking again.
+    last_resort: bool
+
+    def claim(self, templates: Sequence[str]) -> Disposable | None:
+        """A disposable of one of ``templates`` for a request, now ``requested``; None
+        when this origin has none. Never awaits."""
+
+    def patience(self) -> float | None:
+        """How long a request waits, at most, for a claimed disposable that is not ready
+        yet before asking again; None: for as long as the request's own timeout."""

@@ -1,0 +1,63 @@
+"""What the engine answers with, as typed values: a hand-out and a snapshot of the pools.
+
+Each shape is declared once, here. The engine builds these; :mod:`dispoold.protocol`
+uses the same models as the results of its operations, so the server sends them and the
+client checks what it receives against them. They know nothing of frames or sockets.
+
+Read leniently (``extra="ignore"``): a client checking a newer daemon's answer keeps
+working when that daemon adds a field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+#: Where a disposable came from (see :mod:`dispoold.origins`).
+OriginName = Literal["preload", "fresh"]
+
+
+class View(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Handout(View):
+    """The answer to a request: a disposable that is now its caller's."""
+
+    name: str
+    domid: int
+    dispid: int
+    template: str
+    origin: OriginName
+    paused: bool
+    #: How long the request waited, from its arrival at the engine to the hand-over.
+    waited_ms: float
+
+
+class DisposableView(View):
+    name: str
+    domid: int | None
+    #: As the protocol names stages (:attr:`dispoold.lifecycle.Stage.wire`).
+    stage: str
+    since: float
+    memory_mib: int | None
+    origin: OriginName
+    #: Something an operator should know (a failed shrink), when there is something.
+    note: str | None = None
+
+
+class TemplateView(View):
+    name: str
+    max: int
+    threshold_gap: int
+    disposables: list[DisposableView]
+
+
+class PoolView(View):
+    """The ``status`` answer: every template's pool, and the memory figures."""
+
+    templates: list[TemplateView]
+    #: The memory manager's figures (their keys depend on the manager) and the engine's
+    #: ``threshold_mib``.
+    memory: dict[str, Any]
