@@ -35,6 +35,7 @@ from typing import Any, Self, TypeVar
 
 from pydantic import ValidationError
 
+from dispoold import DEFAULT_SOCKET
 from dispoold.protocol import (
     HEADER,
     MAX_FRAME,
@@ -54,8 +55,6 @@ from dispoold.protocol import (
     unpack_body,
 )
 from dispoold.views import Handout, PoolView, View
-
-DEFAULT_SOCKET = Path("/run/dispoold/dispoold.sock")
 
 
 def default_socket() -> Path:

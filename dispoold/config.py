@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dispoold import DEFAULT_SOCKET
+
 DEFAULT_CONFIG_PATH = Path("/etc/dispoold/dispoold.toml")
 
 #: A template's name is also a path component and a journal key: keep it to what
@@ -41,7 +43,7 @@ class DaemonSettings(_Table):
     #: Written on every domain this daemon creates; two daemons with different
     #: instance names never touch each other's domains.
     instance: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "dispoold"
-    socket: Path = Path("/run/dispoold/dispoold.sock")
+    socket: Path = DEFAULT_SOCKET
     #: Members of this group may request, release and watch; only root may change limits.
     #: Empty: root only (TOML has no null).
     group: str = "qubes"
@@ -209,7 +211,7 @@ def parse(data: Mapping[str, Any], path: Path | str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, _describe(exc)) from None
+        raise ConfigError(path, describe_validation(exc)) from None
 
 
 def load(path: Path | str | None = None) -> Config:
@@ -229,9 +231,17 @@ def load(path: Path | str | None = None) -> Config:
     return parse(data, path)
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"{where}: {error['msg']}")
-    return "; ".join(lines)
+def describe_validation(exc: ValidationError, *, prefix: str = "") -> str:
+    """A validation failure in words a person can act on, naming each field:
+    ``field: problem; field: problem``. Used for the configuration, the backend's
+    options and the wire's arguments alike."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required"
+        parts.append(f"{where or '(top level)'}: {message}")
+    return "; ".join(parts)

@@ -219,6 +219,11 @@ def format_status(status: PoolView, now: float | None = None) -> str:
         for row in (header, *rows)
     ]
     lines.extend(format_memory(status.memory))
+    if (proc := status.process) is not None:
+        lines.append(
+            f"daemon: pid {proc.pid}, {proc.rss_mib:g} MiB resident, {proc.cpu_seconds:g} s CPU,"
+            f" {proc.open_fds} open descriptors, {proc.threads} threads"
+        )
     return "\n".join(lines)
 
 

@@ -3,8 +3,8 @@
 The engine writes a disposable's record *before* it creates the domain, updates it on
 every stage change, and deletes it only once the domain is destroyed. So after a crash
 at any point the journal lists every domain the daemon may have made, with the last
-stage it was known to be in; restart recovery (:meth:`dispoold.pool.Pool.start`)
-decides from that. WAL mode keeps a process crash from losing a committed write.
+stage it was known to be in; restart recovery (:mod:`dispoold.recovery`) decides from
+that. WAL mode keeps a process crash from losing a committed write.
 
 Also kept here: dispids freed recently (Qubes keeps these in memory only, so they were
 forgotten on restart), and the operator's run-time overrides of the configuration

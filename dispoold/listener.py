@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispoold.config import ConfigError, DaemonSettings
-from dispoold.systemd import listen_fds
+from dispoold.systemd import is_listening_unix_stream, listen_fds
 
 #: sockaddr_un's sun_path is 108 bytes, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -79,11 +79,9 @@ def open_listener(settings: DaemonSettings, gid: int | None, log: logging.Logger
 def _activated(fds: list[int], settings: DaemonSettings, log: logging.Logger) -> Listener:
     if len(fds) != 1:
         raise ListenerError(f"systemd passed {len(fds)} sockets; dispoold.socket must have one")
-    sock = socket.socket(fileno=fds[0])
-    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
-        sock.detach()
+    if not is_listening_unix_stream(fds[0]):
         raise ListenerError("the socket systemd passed is not a listening Unix stream socket")
+    sock = socket.socket(fileno=fds[0])
     path = Path(sock.getsockname())
     if path != settings.socket:
         log.warning(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-from dispoold import targets
+from dispoold import process, targets
 from dispoold.backend import Backend, BackendError, DomainEventKind, DomainInfo, Marker, NotPaused
 from dispoold.books import Books, Disposable
 from dispoold.config import Config, TemplateSettings
@@ -872,6 +872,7 @@ class Pool:
                 for name in names
             ],
             memory={**self._memory.status(), "threshold_mib": self.threshold_mib()},
+            process=process.figures(),
         )
 
     def summary(self) -> str:

@@ -26,6 +26,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dispoold import __version__, errors
+from dispoold.config import describe_validation
 from dispoold.events import EVENT_NAMES, EventBus, Subscription
 from dispoold.limits import MAX_PRELOAD
 from dispoold.views import Handout, PoolView, View
@@ -140,21 +141,6 @@ def _kind(value: Any) -> str:
         bool: "boolean",
         type(None): "nil",
     }.get(type(value), type(value).__name__)
-
-
-def describe_validation(exc: ValidationError, *, prefix: str = "") -> str:
-    """A validation failure in words a person can act on, naming each field:
-    ``field: problem; field: problem``."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] == "missing":
-            message = "required"
-        parts.append(f"{where or '(top level)'}: {message}")
-    return "; ".join(parts)
 
 
 # -- requests -----------------------------------------------------------------------

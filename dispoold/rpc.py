@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dispoold.config import describe_validation
 from dispoold.events import SubscriberOverflow, Subscription
 from dispoold.protocol import (
     HEADER,
@@ -47,7 +48,6 @@ from dispoold.protocol import (
     Operation,
     Runs,
     Who,
-    describe_validation,
     error_for,
     error_reply,
     event_reply,

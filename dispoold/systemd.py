@@ -22,7 +22,6 @@ except ImportError:  # pragma: no cover (systemd-python is a dependency; a broke
     _sd_journal = None
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
-SD_LISTEN_FDS_START = 3
 
 
 class Notifier:
@@ -85,15 +84,21 @@ def watchdog_interval() -> float | None:
 
 def listen_fds() -> list[int]:
     """File descriptors passed by socket activation (``LISTEN_FDS``) for this process,
-    empty when there are none. The variables are removed so that children don't
-    inherit them."""
-    pid = os.environ.get("LISTEN_PID", "")
-    count = os.environ.get("LISTEN_FDS", "")
+    empty when there are none (sd_listen_fds(3)). The variables are removed so that
+    children don't inherit them."""
+    fds: list[int] = [] if _sd_daemon is None else _sd_daemon.listen_fds(unset_environment=True)
+    # libsystemd unsets them in the C environment only; Python hands os.environ (its
+    # own copy) to the children it starts.
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    if pid != str(os.getpid()) or not count.isdigit():
-        return []
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    return fds
+
+
+def is_listening_unix_stream(fd: int) -> bool:
+    """``fd`` is a listening Unix stream socket (sd_is_socket_unix(3))."""
+    if _sd_daemon is None:  # pragma: no cover
+        return False
+    return bool(_sd_daemon.is_socket_unix(fd, socket.SOCK_STREAM, 1))
 
 
 def journald_wanted() -> bool:

@@ -54,10 +54,23 @@ class TemplateView(View):
     disposables: list[DisposableView]
 
 
+class ProcessView(View):
+    """The daemon process's own footprint."""
+
+    pid: int
+    rss_mib: float
+    cpu_seconds: float
+    open_fds: int
+    threads: int
+
+
 class PoolView(View):
-    """The ``status`` answer: every template's pool, and the memory figures."""
+    """The ``status`` answer: every template's pool, the memory figures, and the
+    daemon's own footprint."""
 
     templates: list[TemplateView]
     #: The memory manager's figures (their keys depend on the manager) and the engine's
     #: ``threshold_mib``.
     memory: dict[str, Any]
+    #: Absent from a daemon that does not report it.
+    process: ProcessView | None = None

@@ -40,9 +40,13 @@ def at_once(coro: Coroutine[Any, Any, None]) -> None:
     raise AssertionError("the call awaited")
 
 
-def test_a_discard_in_the_same_turn_as_readiness_is_not_taken_for_ready(tmp_path: Path) -> None:
+def one_booting_preload(tmp_path: Path) -> tuple[Harness, LastMomentBackend]:
     backend = LastMomentBackend({"ready_delay": 5})
-    h = Harness(tmp_path, make_config(max=1, refill_delay=0), backend=backend)
+    return Harness(tmp_path, make_config(max=1, refill_delay=0), backend=backend), backend
+
+
+def test_a_discard_in_the_same_turn_as_readiness_is_not_taken_for_ready(tmp_path: Path) -> None:
+    h, backend = one_booting_preload(tmp_path)
 
     async def scenario() -> None:
         await h.start()
@@ -60,8 +64,7 @@ def test_a_discard_in_the_same_turn_as_readiness_is_not_taken_for_ready(tmp_path
 
 
 def test_a_death_in_the_same_turn_as_readiness_is_a_failed_start(tmp_path: Path) -> None:
-    backend = LastMomentBackend({"ready_delay": 5})
-    h = Harness(tmp_path, make_config(max=1, refill_delay=0), backend=backend)
+    h, backend = one_booting_preload(tmp_path)
 
     async def scenario() -> None:
         await h.start()

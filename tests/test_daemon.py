@@ -140,7 +140,11 @@ def test_request_errors(daemon: DaemonProcess, args: dict[str, Any], code: str) 
 
 def test_status(daemon: DaemonProcess) -> None:
     result = call(daemon, "status")["result"]
-    assert set(result) == {"templates", "memory"}
+    assert set(result) == {"templates", "memory", "process"}
+    process = result["process"]
+    assert daemon.process is not None and process["pid"] == daemon.process.pid
+    assert process["rss_mib"] > 5
+    assert process["open_fds"] >= 3 and process["threads"] >= 1
     names = [t["name"] for t in result["templates"]]
     assert {"fedora-dvm", "debian-dvm", "plain", "slow", "broken", "huge"} <= set(names)
     fedora = _template(result, "fedora-dvm")
@@ -585,7 +589,7 @@ def _run_daemon(directory: Path, text: str, *args: str) -> subprocess.CompletedP
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (lambda t: t.replace("[daemon]", "[daemon]\nsokcet = 1"), "daemon.sokcet: Extra inputs"),
+        (lambda t: t.replace("[daemon]", "[daemon]\nsokcet = 1"), "daemon.sokcet: unknown key"),
         (
             lambda t: t.replace("drain_timeout = 2.0", 'drain_timeout = "soon"'),
             "daemon.drain_timeout",

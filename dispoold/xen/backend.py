@@ -52,7 +52,7 @@ from dispoold.backend import (
     NotPaused,
     NotReady,
 )
-from dispoold.config import TemplateSettings
+from dispoold.config import TemplateSettings, describe_validation
 from dispoold.xen import bindings, connection
 from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError
 from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
@@ -94,14 +94,6 @@ class _Found:
     name: str
     marker: Marker | None
     maxmem_kib: int
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """A pydantic error on one line: ``field: problem; field: problem``."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
-        for error in exc.errors()
-    )
 
 
 def marker_xsdata(marker: Marker) -> dict[str, str]:
