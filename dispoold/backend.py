@@ -22,9 +22,11 @@ import importlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from dispoold.config import TemplateSettings
+from dispoold.identity import Identity
 
 #: Import paths of the backends that ship with dispoold (uvicorn-style: name -> class).
 BACKENDS = {"xen": "dispoold.xen.backend:XenBackend"}
@@ -72,6 +74,29 @@ class Marker:
 
 
 @dataclass(frozen=True, slots=True)
+class Disk:
+    """A block device the domain gets as ``vdev``."""
+
+    vdev: str
+    path: Path
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Provision:
+    """What one domain gets besides its template: its own disks (made by the engine's
+    storage before the domain), and its identity (name, interfaces, seed), which the
+    backend passes to the guest (on Xen: docs/guest.md)."""
+
+    disks: tuple[Disk, ...] = ()
+    identity: Identity | None = None
+
+
+#: A domain with no disks and no identity of its own.
+NO_PROVISION = Provision()
+
+
+@dataclass(frozen=True, slots=True)
 class DomainInfo:
     name: str
     domid: int
@@ -116,9 +141,16 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release every resource; domains are left as they are."""
 
-    async def create(self, name: str, template: TemplateSettings, marker: Marker) -> int:
-        """Create the domain ``name`` from ``template``, marked with ``marker``, and start
-        it (running, not paused). Returns its domid.
+    async def create(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision = NO_PROVISION,
+    ) -> int:
+        """Create the domain ``name`` from ``template``, marked with ``marker``, with the
+        disks and identity of ``provision``, and start it (running, not paused). Returns
+        its domid.
 
         On failure nothing is left behind: a half-built domain is destroyed before
         :class:`BackendError` is raised. This call is not cancellable halfway; the engine

@@ -16,6 +16,7 @@ from typing import Any
 
 from dispoold.journal import Journal, Record
 from dispoold.lifecycle import POOL, Event, Stage, next_stage
+from dispoold.storage import Planned
 from dispoold.views import DisposableView, OriginName
 
 
@@ -48,6 +49,8 @@ class Disposable:
     #: ends the disposable or takes it can cut that wait short (never the creation).
     waiting: asyncio.Future[Any] | None = None
     destroying: asyncio.Task[None] | None = None
+    #: Its own volumes, in the order they were made (removed in reverse).
+    volumes: list[Planned] = field(default_factory=list)
 
     def at(self, *stages: Stage) -> bool:
         """In one of ``stages`` now (a call, so that a check after an await is not

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/dispoold/dispoold.toml")
 #: Qubes allows for qube names.
 TemplateName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")]
 Mib = Annotated[int, Field(ge=0)]
+#: dispids run from 0 to this, less one (``disp0`` to ``disp9999``, as in Qubes).
+DISPIDS = 10_000
 
 
 class ConfigError(Exception):
@@ -114,6 +117,103 @@ class PoolSettings(_Table):
     dispid_quarantine_days: float = Field(7.0, ge=0)
 
 
+#: A storage pool's name, as ``[storage.NAME]`` declares it and volumes refer to it.
+PoolName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")]
+#: A Xen-style virtual disk name.
+Vdev = Annotated[str, Field(pattern=r"^xvd[a-z]{1,2}$")]
+
+
+class StorageSettings(BaseModel):
+    """A storage pool: ``driver`` (``lvm_thin``, ``file`` or ``package.module:Class``) and
+    the driver's own settings beside it, which the driver checks when the daemon starts."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    driver: str
+
+    def driver_options(self) -> dict[str, Any]:
+        """Every key of the table but ``driver``."""
+        return dict(self.model_extra or {})
+
+
+VolumeRole = Literal["root", "private", "volatile", "read-only"]
+#: The roles whose volume belongs to one disposable and goes with it.
+WRITABLE_ROLES: frozenset[str] = frozenset({"root", "private", "volatile"})
+
+
+class VolumeSettings(_Table):
+    """One disk of the template's disposables.
+
+    - ``root``: a writable snapshot of ``source`` (the template's root volume) in ``pool``;
+    - ``private``: a writable snapshot of ``source`` (the disposable template's private
+      volume) in ``pool``;
+    - ``volatile``: a new, empty volume of ``size_mib`` in ``pool`` (swap and scratch);
+    - ``read-only``: the image at ``source`` (a path), shared by every disposable as it is.
+
+    Every writable volume belongs to one disposable: nothing it writes reaches the
+    template or another disposable, and it is removed with its disposable.
+    """
+
+    role: VolumeRole
+    vdev: Vdev
+    #: The storage pool (``[storage.NAME]``); default: the template's ``storage``.
+    pool: PoolName | None = None
+    #: root, private: the template's volume in the pool (lvm_thin: a thin volume's name
+    #: in the pool's volume group; file: a path). read-only: the image's path.
+    source: str | None = None
+    #: volatile: its size.
+    size_mib: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _fits_its_role(self) -> VolumeSettings:
+        if self.role in ("root", "private") and not self.source:
+            raise ValueError(f"a {self.role} volume needs a source (the volume it snapshots)")
+        if self.role == "volatile" and self.size_mib is None:
+            raise ValueError("a volatile volume needs size_mib")
+        if self.role == "read-only" and (not self.source or not self.source.startswith("/")):
+            raise ValueError("a read-only volume needs a source: the image's absolute path")
+        if self.role == "read-only" and self.pool is not None:
+            raise ValueError("a read-only volume is an image shared as it is, in no pool")
+        if self.role != "volatile" and self.size_mib is not None:
+            raise ValueError(f"size_mib is for volatile volumes, not {self.role}")
+        return self
+
+
+class InterfaceSettings(_Table):
+    """A network interface of every disposable of the template, each with an identity of
+    its own: a MAC address, and an address in ``subnet``, both derived from the dispid
+    (so that no two disposables of this daemon ever share one)."""
+
+    #: The bridge in the backend domain the interface is plugged into. Default:
+    #: ``xenbr0``, unless ``backend`` names a driver domain (its own default then).
+    bridge: str | None = None
+    #: The domain that serves the interface (a driver domain, e.g. ``sys-net``); none:
+    #: dom0.
+    backend: str | None = None
+    #: Addresses are ``subnet``'s network address + ``first_address`` + dispid; the subnet
+    #: must hold every dispid (10,000 addresses, a /18 or larger). None: no address.
+    subnet: IPv4Network | None = None
+    first_address: Annotated[int, Field(ge=1)] = 2
+    gateway: IPv4Address | None = None
+    dns: tuple[IPv4Address, ...] = ()
+
+    @model_validator(mode="after")
+    def _addresses_fit(self) -> InterfaceSettings:
+        if self.subnet is None:
+            if self.gateway is not None or self.dns:
+                raise ValueError("gateway and dns need a subnet")
+            return self
+        last = self.first_address + DISPIDS - 1
+        if last >= self.subnet.num_addresses - 1:
+            raise ValueError(
+                f"subnet {self.subnet} is too small: addresses are network + {self.first_address}"
+                f" + dispid (0-{DISPIDS - 1}), which needs a /18 or larger"
+            )
+        if self.gateway is not None and self.gateway not in self.subnet:
+            raise ValueError(f"gateway {self.gateway} is not in {self.subnet}")
+        return self
+
+
 class TemplateSettings(_Table):
     """A disposable template: what every disposable made from it looks like."""
 
@@ -125,39 +225,66 @@ class TemplateSettings(_Table):
     kernel: Path | None = None
     ramdisk: Path | None = None
     cmdline: str = ""
-    #: Disk specifications in xl's disk syntax, e.g. ``format=raw, vdev=xvda, target=/x``.
-    disks: tuple[str, ...] = ()
+    #: The storage pool of volumes that name none.
+    storage: PoolName | None = None
+    volumes: tuple[VolumeSettings, ...] = ()
+    interfaces: Annotated[tuple[InterfaceSettings, ...], Field(max_length=16)] = ()
     memory: Annotated[int, Field(ge=16)] = 400
     maxmem: Annotated[int, Field(ge=16)] | None = None
     vcpus: Annotated[int, Field(ge=1, le=128)] = 1
     #: Backend-specific settings, passed through unchanged.
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_disks(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "disks" in data:
+            raise ValueError(
+                "disks: describe each disk as a [[volumes]] entry instead: a writable one"
+                ' as a snapshot per disposable (role = "root", "private" or "volatile", in'
+                ' a [storage] pool), a shared image with role = "read-only". A writable'
+                " disk that every disposable of the template shared would be corrupted"
+                " (and Xen refuses a second writer)"
+            )
+        return data
+
     @model_validator(mode="after")
-    def _maxmem_covers_memory(self) -> TemplateSettings:
+    def _consistent(self) -> TemplateSettings:
         if self.maxmem is not None and self.maxmem < self.memory:
             raise ValueError(f"maxmem ({self.maxmem}) is below memory ({self.memory})")
+        vdevs = [v.vdev for v in self.volumes]
+        if len(set(vdevs)) != len(vdevs):
+            raise ValueError(f"volumes: each needs a vdev of its own ({', '.join(vdevs)})")
+        for index, volume in enumerate(self.volumes):
+            if volume.role in WRITABLE_ROLES and volume.pool is None and self.storage is None:
+                raise ValueError(f"volumes.{index}: no pool, and the template has no storage")
         return self
 
     @property
     def max_memory(self) -> int:
         return self.maxmem if self.maxmem is not None else self.memory
 
+    def pool_of(self, volume: VolumeSettings) -> str | None:
+        """The storage pool ``volume`` lives in; None for a read-only image."""
+        if volume.role not in WRITABLE_ROLES:
+            return None
+        return volume.pool or self.storage
+
     def files(self) -> list[Path]:
-        """The files a disposable is built from; a change to any of them outdates preloads."""
+        """The files a disposable is built from; a change to any of them outdates preloads.
+        (The sources of its volumes are for their storage driver to identify.)"""
         paths = [p for p in (self.kernel, self.ramdisk) if p is not None]
-        for disk in self.disks:
-            for part in disk.split(","):
-                key, _, value = part.strip().partition("=")
-                if key.strip() == "target" and value.strip():
-                    paths.append(Path(value.strip()))
+        paths += [Path(v.source) for v in self.volumes if v.role == "read-only" and v.source]
         return paths
 
-    def fingerprint(self) -> str:
-        """Identifies this definition and the on-disk state of its files.
+    def fingerprint(self, identify: Callable[[str, str], str] | None = None) -> str:
+        """Identifies this definition and the on-disk state of its files and volumes.
 
         Two preloads with the same fingerprint were made from the same thing; a preload
         whose fingerprint differs from the template's current one is outdated.
+        ``identify(pool, source)`` names the current state of a volume's source (its
+        storage driver knows how); without it, only the definition counts for them.
+        Blocking (it reads the disk): call it in a thread.
         """
         digest = hashlib.sha256(self.model_dump_json().encode())
         for path in self.files():
@@ -167,6 +294,13 @@ class TemplateSettings(_Table):
                 digest.update(f"{path}:missing".encode())
             else:
                 digest.update(f"{path}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if identify is not None:
+            for volume in self.volumes:
+                pool = self.pool_of(volume)
+                if pool is not None and volume.source:
+                    digest.update(
+                        f"{pool}:{volume.source}:{identify(pool, volume.source)}".encode()
+                    )
         return digest.hexdigest()[:16]
 
 
@@ -182,6 +316,7 @@ class Config(_Table):
     backend: BackendSettings = BackendSettings()
     memory: MemorySettings = MemorySettings()
     pool: PoolSettings = PoolSettings()
+    storage: dict[PoolName, StorageSettings] = Field(default_factory=dict)
     templates: dict[TemplateName, TemplateSettings] = Field(default_factory=dict)
     sources: dict[str, SourceSettings] = Field(default_factory=dict)
 
@@ -203,6 +338,12 @@ class Config(_Table):
             target = settings.default_dispvm
             if target and target not in self.templates:
                 raise ValueError(f"sources.{source}.default_dispvm: no template named {target!r}")
+        for name, template in self.templates.items():
+            for index, volume in enumerate(template.volumes):
+                pool = template.pool_of(volume)
+                if pool is not None and pool not in self.storage:
+                    where = f"templates.{name}.volumes.{index}"
+                    raise ValueError(f"{where}: no storage pool named {pool!r} ([storage.{pool}])")
         return self
 
 
@@ -238,7 +379,7 @@ def describe_validation(exc: ValidationError, *, prefix: str = "") -> str:
     parts = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "missing":

@@ -39,6 +39,7 @@ from dispoold.listener import ListenerError, open_listener, resolve_group
 from dispoold.memory import MemoryManagerError, create_manager
 from dispoold.pool import Pool
 from dispoold.rpc import Access, Server
+from dispoold.storage import Storage, StorageError
 from dispoold.systemd import Notifier, log_handler, watchdog_interval
 
 EXIT_OK = 0
@@ -64,6 +65,7 @@ _RESTART_ONLY = (
     ("daemon", "state_dir"),
     ("backend", None),
     ("memory", None),
+    ("storage", None),
 )
 
 
@@ -135,6 +137,14 @@ class Daemon:
         except MemoryManagerError as exc:
             raise _StartupFailed(str(exc), EXIT_UNAVAILABLE) from None
         stack.push_async_callback(memory.close)
+        try:
+            storage = Storage.from_config(config.storage, config.daemon.instance, self.config_path)
+        except ConfigError as exc:
+            raise _StartupFailed(str(exc), EXIT_CONFIG) from None
+        try:
+            await storage.open()
+        except StorageError as exc:
+            raise _StartupFailed(str(exc), EXIT_UNAVAILABLE) from None
         journal_path = config.daemon.state_dir / "journal.sqlite"
         try:
             journal = Journal(journal_path, log=self.log.getChild("journal"))
@@ -148,11 +158,12 @@ class Daemon:
             journal=journal,
             bus=EventBus(),
             log=self.log.getChild("pool"),
+            storage=storage,
         )
         self.pool = pool
         try:
             await pool.start()
-        except (BackendError, MemoryManagerError) as exc:
+        except (BackendError, MemoryManagerError, StorageError) as exc:
             with contextlib.suppress(Exception):
                 await pool.stop(0.0)
             raise _StartupFailed(f"pool: {exc}", EXIT_FAILURE) from None
@@ -299,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(path)
         gid = resolve_group(config.daemon, path)
+        # The storage drivers check their own settings: a mistake there is a mistake in
+        # the file too.
+        Storage.from_config(config.storage, config.daemon.instance, path)
     except ConfigError as exc:
         print(f"dispoold: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

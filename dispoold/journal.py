@@ -6,9 +6,11 @@ at any point the journal lists every domain the daemon may have made, with the l
 stage it was known to be in; restart recovery (:mod:`dispoold.recovery`) decides from
 that. WAL mode keeps a process crash from losing a committed write.
 
-Also kept here: dispids freed recently (Qubes keeps these in memory only, so they were
-forgotten on restart), and the operator's run-time overrides of the configuration
-(``set_max``, ``set_threshold``).
+Each volume of a disposable is recorded before it is made and forgotten once it is
+removed, so that recovery removes the volumes of half-started disposables and of those
+whose domain is gone. Also kept here: dispids freed recently (Qubes keeps these in
+memory only, so they were forgotten on restart), and the operator's run-time overrides
+of the configuration (``set_max``, ``set_threshold``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispoold.config import DISPIDS
 from dispoold.errors import DispidsExhausted
 from dispoold.lifecycle import Stage
+from dispoold.storage import Planned
 
-DISPID_RANGE = 10_000
 #: Random picks before falling back to a scan (Qubes gives up after 100 picks; we only
 #: give up when no dispid at all is free).
 RANDOM_PICKS = 100
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS disposables (
     name        TEXT PRIMARY KEY,
@@ -50,6 +53,13 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS volumes (
+    pool       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    disposable TEXT NOT NULL,
+    vdev       TEXT NOT NULL,
+    PRIMARY KEY (pool, name)
+);
 """
 #: How a journal of each older version becomes the next one (run in one transaction).
 MIGRATIONS: dict[int, str] = {
@@ -57,6 +67,11 @@ MIGRATIONS: dict[int, str] = {
     1: """
     UPDATE disposables SET stage = 'handed-paused' WHERE stage = 'requested' AND delivered;
     ALTER TABLE disposables DROP COLUMN delivered;
+    """,
+    # 2 -> 3: volumes, recorded before they are made.
+    2: """
+    CREATE TABLE volumes (pool TEXT NOT NULL, name TEXT NOT NULL, disposable TEXT NOT NULL,
+                          vdev TEXT NOT NULL, PRIMARY KEY (pool, name));
     """,
 }
 
@@ -203,16 +218,39 @@ class Journal:
         ) as rows:
             taken.update(dispid for (dispid,) in rows)
         for _ in range(RANDOM_PICKS):
-            dispid = self._rng.randrange(DISPID_RANGE)
+            dispid = self._rng.randrange(DISPIDS)
             if dispid not in taken:
                 return dispid
-        free = [dispid for dispid in range(DISPID_RANGE) if dispid not in taken]
+        free = [dispid for dispid in range(DISPIDS) if dispid not in taken]
         if not free:
             raise DispidsExhausted(
-                f"all {DISPID_RANGE} dispids are in use or were freed in the last"
+                f"all {DISPIDS} dispids are in use or were freed in the last"
                 f" {quarantine_seconds / 86400:g} days"
             )
         return self._rng.choice(free)
+
+    # -- volumes ------------------------------------------------------------------
+
+    def volumes(self) -> dict[str, list[Planned]]:
+        """Every recorded volume, by the disposable it belongs to."""
+        found: dict[str, list[Planned]] = {}
+        with closing(self._db.execute("SELECT pool, name, disposable, vdev FROM volumes")) as rows:
+            for pool, name, disposable, vdev in rows:
+                found.setdefault(disposable, []).append(Planned(pool, name, vdev))
+        return found
+
+    def add_volume(self, disposable: str, volume: Planned) -> None:
+        """Record a volume of ``disposable`` before it is made."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO volumes VALUES (?, ?, ?, ?)",
+            (volume.pool, volume.name, disposable, volume.vdev),
+        )
+
+    def remove_volume(self, volume: Planned) -> None:
+        """Forget a volume once it is removed."""
+        self._db.execute(
+            "DELETE FROM volumes WHERE pool = ? AND name = ?", (volume.pool, volume.name)
+        )
 
     # -- operator overrides --------------------------------------------------------
 

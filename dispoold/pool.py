@@ -31,8 +31,17 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-from dispoold import process, targets
-from dispoold.backend import Backend, BackendError, DomainEventKind, DomainInfo, Marker, NotPaused
+from dispoold import identity, process, targets
+from dispoold.backend import (
+    Backend,
+    BackendError,
+    Disk,
+    DomainEventKind,
+    DomainInfo,
+    Marker,
+    NotPaused,
+    Provision,
+)
 from dispoold.books import Books, Disposable
 from dispoold.config import Config, TemplateSettings
 from dispoold.errors import (
@@ -57,7 +66,8 @@ from dispoold.origins import Origin
 from dispoold.origins.fresh import FreshStart
 from dispoold.origins.preload import Preloads
 from dispoold.recovery import Fate, plan
-from dispoold.views import Handout, OriginName, PoolView, TemplateView
+from dispoold.storage import Planned, Storage, StorageError
+from dispoold.views import Handout, OriginName, PoolView, TemplateView, VolumeView
 
 T = TypeVar("T")
 
@@ -69,7 +79,7 @@ SUSPEND_TIMEOUT = 60.0
 _TRIM_ORDER = {Stage.PRELOAD: 0, Stage.STARTUP: 1, Stage.SHRINKING: 2, Stage.PAUSED: 3}
 
 #: The failures of the engine's ports: what a step of a bring-up may raise.
-PORT_ERRORS = (BackendError, MemoryManagerError)
+PORT_ERRORS = (BackendError, MemoryManagerError, StorageError)
 
 
 class Outcome(Enum):
@@ -124,20 +134,24 @@ class Pool:
         bus: EventBus,
         log: logging.Logger,
         now: Callable[[], float] = time.time,
+        storage: Storage | None = None,
     ) -> None:
         self.config = config
         self._backend = backend
         self._memory = memory
         self._journal = journal
+        self._storage = storage or Storage({}, config.daemon.instance)
         self.bus = bus
         self._log = log
         self._now = now
         self.books = Books(journal, now)
         self.limits = Limits(config, journal)
         self._queues = {
-            name: Queue(name, settings, settings.fingerprint())
+            name: Queue(name, settings, settings.fingerprint(self._storage.identify))
             for name, settings in config.templates.items()
         }
+        #: MiB used by each volume, as last measured (status shows them per template).
+        self._volume_usage: dict[str, float] = {}
         #: Asked in this order for every request: the fastest way to a disposable first.
         self.origins: tuple[Origin, ...] = (Preloads(self), FreshStart(self))
         self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
@@ -520,11 +534,17 @@ class Pool:
             self._schedule_fill(queue, self.config.pool.gap_retry_interval)
 
     async def _create(self, d: Disposable, queue: Queue) -> Outcome:
-        """Create the domain within a memory allocation. A preload is checked against
-        the threshold once more at the last moment, inside the allocation (which admits
-        one creation at a time): a fresh start may have taken memory since the fill."""
+        """Make the disposable's volumes, then create its domain within a memory
+        allocation. A preload is checked against the threshold once more at the last
+        moment, inside the allocation (which admits one creation at a time): a fresh start
+        may have taken memory since the fill."""
         settings = queue.settings
-        marker = Marker(owner=self.config.daemon.instance, template=d.template, dispid=d.dispid)
+        instance = self.config.daemon.instance
+        marker = Marker(owner=instance, template=d.template, dispid=d.dispid)
+        disks = await self._make_volumes(d, settings)
+        if (outcome := self._checkpoint(d)) is not Outcome.GO:
+            return outcome
+        provision = Provision(disks, identity.identity(d.name, settings, instance, d.dispid))
         try:
             async with self._memory.allocation(d.name, settings.memory):
                 if d.origin == "preload":
@@ -538,7 +558,8 @@ class Pool:
                         return Outcome.NO_ROOM
                 # Not cancellable halfway: a cancelled caller leaves the creation running
                 # and the next start finds the domain through the journal.
-                d.domid = await asyncio.shield(self._backend.create(d.name, settings, marker))
+                create = self._backend.create(d.name, settings, marker, provision)
+                d.domid = await asyncio.shield(create)
         except HostOutOfMemory as exc:
             if d.origin == "preload":
                 self._log.info("%s: not started: %s", d.name, exc)
@@ -549,6 +570,19 @@ class Pool:
         d.memory_mib = settings.memory
         self.books.save(d)
         return Outcome.GO
+
+    async def _make_volumes(self, d: Disposable, settings: TemplateSettings) -> tuple[Disk, ...]:
+        """The disposable's own writable volumes, each recorded before it is made (so
+        that recovery finds it whatever happens next). Raises
+        :class:`~dispoold.storage.StorageError`: the volumes made so far are the
+        destroy's to remove."""
+        disks = []
+        for planned, volume in self._storage.plan(d.name, settings):
+            self._journal.add_volume(d.name, planned)
+            d.volumes.append(planned)
+            path = await self._storage.make(planned, volume)
+            disks.append(Disk(volume.vdev, path, writable=True))
+        return tuple(disks)
 
     async def _boot(self, d: Disposable, queue: Queue) -> Outcome:
         """Wait until the guest reports readiness."""
@@ -686,6 +720,20 @@ class Pool:
                     return
                 self._log.error("%s: %s; retrying in %g s", d.name, exc, DESTROY_RETRY)
                 await asyncio.sleep(DESTROY_RETRY)
+        d.domid = None
+        while d.volumes:  # only once the domain is gone: it no longer writes to them
+            volume = d.volumes[-1]
+            try:
+                await self._storage.remove(volume)
+            except StorageError as exc:
+                if self._stopping:
+                    self._log.error("%s: %s; the next start retries", d.name, exc)
+                    return
+                self._log.error("%s: %s; retrying in %g s", d.name, exc, DESTROY_RETRY)
+                await asyncio.sleep(DESTROY_RETRY)
+                continue
+            self._journal.remove_volume(volume)
+            d.volumes.pop()
         self._memory.forget(d.name)
         self.books.move(d, Event.DESTROYED)
         self.bus.publish("removed", {"name": d.name, "template": d.template, "reason": reason})
@@ -745,8 +793,16 @@ class Pool:
         while True:
             await asyncio.sleep(self.config.pool.refresh_check_interval)
             for queue in list(self._queues.values()):
-                fingerprint = await asyncio.to_thread(queue.settings.fingerprint)
+                fingerprint = await asyncio.to_thread(
+                    queue.settings.fingerprint, self._storage.identify
+                )
                 self._fingerprint_seen(queue, fingerprint)
+            await self._measure_volumes()
+
+    async def _measure_volumes(self) -> None:
+        volumes = [v for d in self.books for v in d.volumes]
+        if volumes:
+            self._volume_usage = await self._storage.usage(volumes)
 
     def _fingerprint_seen(self, queue: Queue, fingerprint: str) -> None:
         if self._queues.get(queue.name) is not queue:
@@ -831,7 +887,7 @@ class Pool:
             for d in self.books.members(name):
                 self._end(d, Event.DISCARD, "template removed from the configuration")
         for name, settings in config.templates.items():
-            fingerprint = await asyncio.to_thread(settings.fingerprint)
+            fingerprint = await asyncio.to_thread(settings.fingerprint, self._storage.identify)
             current = self._queues.get(name)
             if current is None:
                 self._queues[name] = Queue(name, settings, fingerprint)
@@ -868,12 +924,36 @@ class Pool:
                     max=self.effective_max(name),
                     threshold_gap=queue.gap if (queue := self._queues.get(name)) else 0,
                     disposables=[d.view() for d in sorted(members[name], key=lambda d: d.since)],
+                    volumes=self._volume_views(queue, members[name]),
                 )
                 for name in names
             ],
             memory={**self._memory.status(), "threshold_mib": self.threshold_mib()},
             process=process.figures(),
         )
+
+    def _volume_views(self, queue: Queue | None, members: list[Disposable]) -> list[VolumeView]:
+        if queue is None:
+            return []
+        views = []
+        for volume in queue.settings.volumes:
+            pool = queue.settings.pool_of(volume)
+            used = [
+                self._volume_usage[v.name]
+                for d in members
+                for v in d.volumes
+                if v.vdev == volume.vdev and v.name in self._volume_usage
+            ]
+            views.append(
+                VolumeView(
+                    vdev=volume.vdev,
+                    role=volume.role,
+                    pool=pool,
+                    driver=None if pool is None else self._storage.driver_name(pool),
+                    used_mib=round(sum(used), 1) if used else None,
+                )
+            )
+        return views
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
@@ -919,6 +999,7 @@ class Pool:
             if queue.settings.dispvm_template
         }
         decisions, strays = plan(self._journal.records(), found, fingerprints)
+        volumes = self._journal.volumes()
         for decision in decisions:
             record, info = decision.record, decision.domain
             d = Disposable(
@@ -933,13 +1014,38 @@ class Pool:
             )
             self.books.adopt(d)
             if info is None:
+                # Its volumes, if it had any, are left to the sweep (Qubes #11086).
                 self._log.info("%s: %s", d.name, decision.reason)
                 self.books.forget(d)
                 continue
+            d.volumes = volumes.pop(record.name, [])
             d.domid, d.paused, d.memory_mib = info.domid, info.paused, info.memory_mib
             self._apply(d, decision.fate, decision.reason)
         for stray in strays:
             await self._adopt_stray(stray.domain, stray.track)
+        await self._sweep_volumes(volumes)
+
+    async def _sweep_volumes(self, unowned: dict[str, list[Planned]]) -> None:
+        """Remove this daemon's volumes that belong to no disposable in the books: the
+        journal's records of volumes whose disposable is gone, and volumes no record
+        names (the journal was lost, or a crash fell between a removal and its record)."""
+        known = {d.name for d in self.books}
+        leftovers = [v for vs in unowned.values() for v in vs]
+        try:
+            found = await self._storage.leftovers(known)
+        except StorageError as exc:
+            self._log.warning("cannot look for left-over volumes: %s", exc)
+            found = []
+        seen = {(v.pool, v.name) for v in leftovers}
+        leftovers += [v for v in found if (v.pool, v.name) not in seen]
+        for volume in leftovers:
+            try:
+                await self._storage.remove(volume)
+            except StorageError as exc:
+                self._log.warning("left-over volume %s stays: %s", volume.name, exc)
+                continue
+            self._journal.remove_volume(volume)
+            self._log.info("left-over volume %s (%s) removed", volume.name, volume.pool)
 
     def _apply(self, d: Disposable, fate: Fate, reason: str) -> None:
         match fate:
@@ -983,7 +1089,13 @@ class Pool:
             domid=info.domid,
             memory_mib=info.memory_mib,
         )
+        try:
+            d.volumes = await self._storage.owned_by(d.name)
+        except StorageError as exc:
+            self._log.warning("%s: cannot find its volumes: %s", d.name, exc)
         self.books.adopt(d)
+        for volume in d.volumes:
+            self._journal.add_volume(d.name, volume)
         self._memory.include(d.name)
         self._log.warning(
             "%s: running, marked as ours but not in the journal; tracked as handed out", d.name

@@ -47,11 +47,24 @@ class DisposableView(View):
     note: str | None = None
 
 
+class VolumeView(View):
+    """One disk of the template's disposables."""
+
+    vdev: str
+    role: str
+    #: The storage pool and its driver; None for a shared read-only image.
+    pool: str | None = None
+    driver: str | None = None
+    #: MiB the template's disposables' copies of this volume use, as last measured.
+    used_mib: float | None = None
+
+
 class TemplateView(View):
     name: str
     max: int
     threshold_gap: int
     disposables: list[DisposableView]
+    volumes: list[VolumeView] = []
 
 
 class ProcessView(View):

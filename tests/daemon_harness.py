@@ -56,6 +56,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(str(value))
     if isinstance(value, list | tuple | set | frozenset):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"no TOML for {value!r}")
 
 
@@ -76,6 +78,7 @@ def config_text(
     pool: Mapping[str, Any] | None = None,
     backend_options: Mapping[str, Any] | None = None,
     templates: Mapping[str, Mapping[str, Any]] | None = None,
+    storage: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     tables: dict[str, Mapping[str, Any]] = {
         "daemon": {
@@ -101,6 +104,8 @@ def config_text(
             **(pool or {}),
         },
     }
+    for name, settings in (storage or {}).items():
+        tables[f"storage.{name}"] = settings
     templates = TEMPLATES if templates is None else templates
     for name, settings in templates.items():
         tables[f"templates.{name}"] = settings

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from dispoold.backend import (
+    NO_PROVISION,
     BackendError,
     DomainEvent,
     DomainEventKind,
@@ -32,6 +33,7 @@ from dispoold.backend import (
     NoSuchDomain,
     NotPaused,
     NotReady,
+    Provision,
 )
 from dispoold.config import MemorySettings, TemplateSettings
 from dispoold.memory import MemoryManagerError, NoMemory, ShrinkResult
@@ -67,6 +69,8 @@ class FakeDomain:
     shutdown: bool = False
     target_mib: int = 0
     used_mib: int = 0
+    #: The disks and identity it was created with.
+    provision: Provision = NO_PROVISION
 
 
 @dataclass
@@ -135,7 +139,13 @@ class FakeBackend:
         if self._events is not None:
             self._events.put_nowait(None)
 
-    async def create(self, name: str, template: TemplateSettings, marker: Marker) -> int:
+    async def create(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision = NO_PROVISION,
+    ) -> int:
         self._record("create", name)
         if name in self.domains:
             raise BackendError("create", name, "a domain of that name exists")
@@ -158,6 +168,7 @@ class FakeBackend:
             memory_mib=template.memory,
             maxmem_mib=template.max_memory,
             marker=marker,
+            provision=provision,
             created_at=now,
             ready_at=None if delay is None else now + delay,
             target_mib=template.memory,

@@ -20,6 +20,7 @@ from dispoold.events import EventBus, PoolEvent
 from dispoold.journal import Journal
 from dispoold.lifecycle import HANDED_OUT, POOL, Stage
 from dispoold.pool import Pool
+from dispoold.storage import Storage
 from tests.doubles import FakeBackend, FakeMemory
 
 LOG = logging.getLogger("dispoold.test")
@@ -88,10 +89,12 @@ class Harness:
         *,
         backend: FakeBackend | None = None,
         wall: Wall | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.tmp_path = tmp_path
         self.config = config or make_config()
         self.backend = backend or FakeBackend()
+        self.storage = storage
         self.wall = wall or Wall()
         # Preferred size = the templates' 400 MiB: shrinking frees nothing unless a test says so.
         self.memory = FakeMemory(MemorySettings(preferred_floor_mib=400), self.backend)
@@ -120,6 +123,7 @@ class Harness:
             bus=bus,
             log=LOG,
             now=self.wall,
+            storage=self.storage,
         )
         await self.pool.start()
         return self.pool
@@ -134,7 +138,13 @@ class Harness:
     def next_lifetime(self, config: Config | None = None, skip: float = 0.0) -> Harness:
         """The harness for the daemon's next start, on the same host and state."""
         self.wall.new_lifetime(skip)
-        return Harness(self.tmp_path, config or self.config, backend=self.backend, wall=self.wall)
+        return Harness(
+            self.tmp_path,
+            config or self.config,
+            backend=self.backend,
+            wall=self.wall,
+            storage=self.storage,
+        )
 
     # -- looking at the books -------------------------------------------------------
 

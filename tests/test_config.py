@@ -57,6 +57,40 @@ def test_the_shipped_sample_is_valid() -> None:
         ("[templates.x]\ntags = ['two words']\n", "must be one word"),
         ("[sources.q]\ndefault_dispvm = 'nope'\n", "sources.q.default_dispvm"),
         ("[daemon]\ninstance = 'a b'\n", "daemon.instance"),
+        # A writable disk all disposables would share is refused, naming the field.
+        ("[templates.x]\ndisks = ['vdev=xvda, target=/r.img']\n", "templates.x: disks: describe"),
+        (
+            "[templates.x]\n[[templates.x.volumes]]\nrole = 'root'\nvdev = 'xvda'\n",
+            "templates.x.volumes.0: a root volume needs a source",
+        ),
+        (
+            "[templates.x]\n[[templates.x.volumes]]\nrole = 'volatile'\nvdev = 'xvdc'\n",
+            "needs size_mib",
+        ),
+        (
+            "[templates.x]\n[[templates.x.volumes]]\nrole = 'root'\nvdev = 'xvda'\nsource = 'r'\n",
+            "volumes.0: no pool, and the template has no storage",
+        ),
+        (
+            "[templates.x]\nstorage = 'thin'\n[[templates.x.volumes]]\nrole = 'root'\n"
+            "vdev = 'xvda'\nsource = 'r'\n",
+            "templates.x.volumes.0: no storage pool named 'thin'",
+        ),
+        (
+            "[templates.x]\n[[templates.x.volumes]]\nrole = 'read-only'\nvdev = 'xvda'\n"
+            "source = '/a'\n[[templates.x.volumes]]\nrole = 'read-only'\nvdev = 'xvda'\n"
+            "source = '/b'\n",
+            "each needs a vdev of its own",
+        ),
+        (
+            "[templates.x]\n[[templates.x.interfaces]]\nsubnet = '10.137.0.0/24'\n",
+            "subnet 10.137.0.0/24 is too small",
+        ),
+        (
+            "[templates.x]\n[[templates.x.interfaces]]\nsubnet = '10.137.0.0/16'\n"
+            "gateway = '10.1.0.1'\n",
+            "gateway 10.1.0.1 is not in 10.137.0.0/16",
+        ),
     ],
 )
 def test_mistakes_name_the_file_and_the_field(tmp_path: Path, text: str, where: str) -> None:
@@ -81,7 +115,9 @@ def test_a_template_fingerprint_follows_its_definition_and_its_files(tmp_path: P
             "templates": {
                 "t": {
                     "kernel": str(kernel),
-                    "disks": [f"format=raw, vdev=xvda, target={tmp_path / 'root.img'}"],
+                    "volumes": [
+                        {"role": "read-only", "vdev": "xvda", "source": str(tmp_path / "root.img")}
+                    ],
                 }
             }
         }
@@ -107,12 +143,20 @@ def test_the_shipped_sample_documents_every_setting() -> None:
     sample = (Path(__file__).parent.parent / "etc" / "dispoold.toml").read_text()
     shown = set(re.findall(r"^#?\s*([a-z_]+)\s*=", sample, re.MULTILINE))
     shown |= set(re.findall(r"\{ ([a-z_]+) =", sample))
+    shown |= set(re.findall(r"^\[\[templates\.[^.\]]+\.([a-z_]+)\]\]", sample, re.MULTILINE))
+    from dispoold.storage.file import FileDriver
+    from dispoold.storage.lvm_thin import LvmThin
+
     tables: list[type[BaseModel]] = [
+        LvmThin.Options,
+        FileDriver.Options,
         config.DaemonSettings,
         config.BackendSettings,
         config.MemorySettings,
         config.PoolSettings,
         config.TemplateSettings,
+        config.VolumeSettings,
+        config.InterfaceSettings,
         config.SourceSettings,
         XenBackendOptions,
         XenTemplateOptions,

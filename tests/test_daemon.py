@@ -148,7 +148,7 @@ def test_status(daemon: DaemonProcess) -> None:
     names = [t["name"] for t in result["templates"]]
     assert {"fedora-dvm", "debian-dvm", "plain", "slow", "broken", "huge"} <= set(names)
     fedora = _template(result, "fedora-dvm")
-    assert set(fedora) == {"name", "max", "threshold_gap", "disposables"}
+    assert set(fedora) == {"name", "max", "threshold_gap", "disposables", "volumes"}
     assert fedora["max"] == 2 and fedora["threshold_gap"] == 0
     for vm in fedora["disposables"]:
         assert set(vm) == {"name", "domid", "stage", "since", "memory_mib", "origin", "note"}

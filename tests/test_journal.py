@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dispoold.config import DISPIDS
 from dispoold.errors import DispidsExhausted
-from dispoold.journal import DISPID_RANGE, Journal, Record
+from dispoold.journal import Journal, Record
 from dispoold.lifecycle import Stage
 
 LOG = logging.getLogger("test")
@@ -69,10 +70,10 @@ def test_exhaustion_is_a_clear_error_and_a_scan_finds_the_last_free_dispid(
     tmp_path: Path,
 ) -> None:
     journal = Journal(tmp_path / "j.sqlite", log=LOG)
-    all_but_one = frozenset(range(DISPID_RANGE)) - {4242}
+    all_but_one = frozenset(range(DISPIDS)) - {4242}
     assert journal.allocate_dispid(0, exclude=all_but_one) == 4242
     with pytest.raises(DispidsExhausted, match="10000 dispids"):
-        journal.allocate_dispid(0, exclude=frozenset(range(DISPID_RANGE)))
+        journal.allocate_dispid(0, exclude=frozenset(range(DISPIDS)))
 
 
 def test_a_damaged_journal_is_set_aside_and_a_new_one_started(tmp_path: Path) -> None:

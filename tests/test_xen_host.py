@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from dispoold.backend import BackendUnavailable, Marker, load_backend
+from dispoold import identity
+from dispoold.backend import BackendUnavailable, Disk, Marker, Provision, load_backend
 from dispoold.config import TemplateSettings
 from dispoold.xen import bindings, build
-from dispoold.xen.backend import (
-    domain_spec,
-    marker_xsdata,
-    parse_kib,
-    parse_marker,
-)
+from dispoold.xen.backend import domain_spec
+from dispoold.xen.keys import marker_keys, parse_kib, parse_marker
 from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
 
 MODULE = "dispoold.xen._xenlight"
@@ -152,7 +149,7 @@ def test_template_options_refuse_unknown_keys() -> None:
 
 def test_marker_round_trip() -> None:
     marker = Marker(owner="dispoold", template="fedora-dvm", dispid=4711)
-    entries = marker_xsdata(marker)
+    entries = marker_keys(marker)
     assert entries == {
         "dispoold/owner": "dispoold",
         "dispoold/template": "fedora-dvm",
@@ -202,7 +199,12 @@ def test_domain_spec_from_template(tmp_path: Path) -> None:
     ramdisk = tmp_path / "initrd.img"
     ramdisk.write_bytes(b"\0")
     template = kernel_template(
-        tmp_path, ramdisk=ramdisk, cmdline="console=hvc0", vcpus=2, disks=("vdev=xvda, target=/x",)
+        tmp_path,
+        ramdisk=ramdisk,
+        cmdline="console=hvc0",
+        vcpus=2,
+        volumes=[{"role": "read-only", "vdev": "xvdd", "source": "/images/shared.img"}],
+        interfaces=[{"subnet": "10.137.0.0/16", "gateway": "10.137.0.1", "dns": ["10.137.0.1"]}],
     )
     marker = Marker("dispoold", "lab-dvm", 7)
     spec = domain_spec("disp7", template, marker, XenTemplateOptions())
@@ -210,9 +212,50 @@ def test_domain_spec_from_template(tmp_path: Path) -> None:
     assert spec.kernel == str(tmp_path / "vmlinuz")
     assert spec.ramdisk == str(ramdisk)
     assert (spec.memory_kib, spec.maxmem_kib, spec.vcpus) == (128 * 1024, 256 * 1024, 2)
-    assert spec.disks == ("vdev=xvda, target=/x",)
-    assert spec.xsdata == marker_xsdata(marker)
+    # A shared image is given read-only, whatever else the template has.
+    assert spec.disks == ("format=raw, vdev=xvdd, access=ro, target=/images/shared.img",)
+    assert spec.xsdata == marker_keys(marker)
+    assert spec.nics == ()  # no identity: a domain without interfaces of its own
     assert not spec.pvh
+
+
+def test_domain_spec_with_disks_and_identity(tmp_path: Path) -> None:
+    template = kernel_template(
+        tmp_path,
+        interfaces=[{"subnet": "10.137.0.0/16", "gateway": "10.137.0.1", "dns": ["10.137.0.1"]}],
+    )
+    marker = Marker("dispoold", "lab-dvm", 7)
+    who = identity.identity("disp7", template, "dispoold", 7)
+    provision = Provision(
+        disks=(
+            Disk("xvda", Path("/dev/dispoold/dispoold--disp7--xvda"), writable=True),
+            Disk("xvdb", Path("/dev/loop3"), writable=False),
+        ),
+        identity=who,
+    )
+    spec = domain_spec("disp7", template, marker, XenTemplateOptions(), provision)
+    assert spec.disks == (
+        "format=raw, vdev=xvda, access=rw, target=/dev/dispoold/dispoold--disp7--xvda",
+        "format=raw, vdev=xvdb, access=ro, target=/dev/loop3",
+    )
+    [nic] = spec.nics
+    assert (nic.devid, nic.mac, nic.bridge, nic.backend) == (
+        0,
+        who.interfaces[0].mac,
+        "xenbr0",
+        None,
+    )
+    keys = spec.xsdata
+    assert keys["dispoold/identity/name"] == "disp7"
+    assert keys["dispoold/identity/generation"] == "1"
+    assert keys["dispoold/identity/seed"] == who.seed
+    assert keys["dispoold/identity/net/0/mac"] == nic.mac
+    assert keys["dispoold/identity/net/0/ip"] == "10.137.0.9/16"  # network + 2 + dispid 7
+    assert keys["dispoold/identity/net/0/gateway"] == "10.137.0.1"
+    assert keys["dispoold/identity/net/0/dns"] == "10.137.0.1"
+    assert {k: v for k, v in keys.items() if k.startswith("dispoold/") and "/" not in k[9:]} == (
+        marker_keys(marker)
+    )
 
 
 def test_maxmem_defaults_to_memory(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from dispoold.backend import (
+    NO_PROVISION,
     BackendError,
     BackendUnavailable,
     DomainEvent,
@@ -51,10 +52,19 @@ from dispoold.backend import (
     NoSuchDomain,
     NotPaused,
     NotReady,
+    Provision,
 )
 from dispoold.config import TemplateSettings, describe_validation
 from dispoold.xen import bindings, connection
-from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError
+from dispoold.xen.keys import (
+    MARKER_DIR,
+    MARKER_KEYS,
+    identity_keys,
+    marker_keys,
+    parse_kib,
+    parse_marker,
+)
+from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError, NicSpec
 from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
 from dispoold.xen.xenstore import XenStore, XenStoreError
 
@@ -62,9 +72,6 @@ log = logging.getLogger("dispoold.xen")
 
 T = TypeVar("T")
 
-#: Under /local/domain/<domid>/.
-MARKER_DIR = "dispoold"
-MARKER_KEYS = ("owner", "template", "dispid")
 RELEASE_WATCH = "@releaseDomain"
 
 
@@ -96,35 +103,12 @@ class _Found:
     maxmem_kib: int
 
 
-def marker_xsdata(marker: Marker) -> dict[str, str]:
-    """The marker as ``libxl_domain_create_info.xsdata`` entries."""
-    return {
-        f"{MARKER_DIR}/owner": marker.owner,
-        f"{MARKER_DIR}/template": marker.template,
-        f"{MARKER_DIR}/dispid": str(marker.dispid),
-    }
-
-
-def parse_marker(values: Mapping[str, str | None]) -> Marker | None:
-    """A marker from its three xenstore values, or None if they do not form one."""
-    owner, template, dispid = (values.get(key) for key in MARKER_KEYS)
-    if not owner or not template or dispid is None or not dispid.isdigit():
-        return None
-    return Marker(owner=owner, template=template, dispid=int(dispid))
-
-
-def parse_kib(untrusted_value: str | None, ceiling_kib: int) -> int | None:
-    """A KiB figure written by the guest, checked: digits only, clamped to the ceiling."""
-    if untrusted_value is None:
-        return None
-    untrusted_value = untrusted_value.strip()
-    if not untrusted_value.isdigit() or len(untrusted_value) > 15:
-        return None
-    return min(int(untrusted_value), ceiling_kib)
-
-
 def domain_spec(
-    name: str, template: TemplateSettings, marker: Marker, options: XenTemplateOptions
+    name: str,
+    template: TemplateSettings,
+    marker: Marker,
+    options: XenTemplateOptions,
+    provision: Provision = NO_PROVISION,
 ) -> DomainSpec:
     """What libxl is asked to build. Raises ValueError naming what is wrong."""
     if template.kernel is None:
@@ -132,6 +116,24 @@ def domain_spec(
     for what, path in (("kernel", template.kernel), ("ramdisk", template.ramdisk)):
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"{what} {path} does not exist or is not readable")
+    disks = [
+        f"format=raw, vdev={d.vdev}, access={'rw' if d.writable else 'ro'}, target={d.path}"
+        for d in provision.disks
+    ]
+    # Shared images: read-only, as they are (the configuration allows nothing else).
+    disks += [
+        f"format=raw, vdev={volume.vdev}, access=ro, target={volume.source}"
+        for volume in template.volumes
+        if volume.role == "read-only"
+    ]
+    xsdata = marker_keys(marker)
+    nics: tuple[NicSpec, ...] = ()
+    if provision.identity is not None:
+        xsdata |= identity_keys(provision.identity)
+        nics = tuple(
+            NicSpec(devid=i.devid, mac=i.mac, bridge=i.bridge, backend=i.backend)
+            for i in provision.identity.interfaces
+        )
     return DomainSpec(
         name=name,
         kernel=str(template.kernel),
@@ -140,8 +142,9 @@ def domain_spec(
         memory_kib=template.memory * 1024,
         maxmem_kib=template.max_memory * 1024,
         vcpus=template.vcpus,
-        disks=template.disks,
-        xsdata=marker_xsdata(marker),
+        disks=tuple(disks),
+        nics=nics,
+        xsdata=xsdata,
         pvh=options.type == "pvh",
     )
 
@@ -247,10 +250,16 @@ class XenBackend:
 
     # -- Backend: domains -----------------------------------------------------------
 
-    async def create(self, name: str, template: TemplateSettings, marker: Marker) -> int:
+    async def create(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision = NO_PROVISION,
+    ) -> int:
         try:
             options = XenTemplateOptions.model_validate(template.options)
-            spec = domain_spec(name, template, marker, options)
+            spec = domain_spec(name, template, marker, options, provision)
         except ValidationError as exc:
             raise BackendError(
                 "create", name, f"template options: {describe_validation(exc)}"

@@ -53,6 +53,16 @@ typedef struct { ...; } libxl_bitmap;
 typedef struct { ...; } libxl_asyncop_how;
 typedef struct { ...; } libxl_asyncprogress_how;
 typedef struct { ...; } libxl_device_disk;
+typedef uint8_t libxl_mac[6];
+typedef int libxl_devid;
+typedef struct libxl_device_nic {
+    libxl_domid backend_domid;
+    char *backend_domname;
+    libxl_devid devid;
+    libxl_mac mac;
+    char *bridge;
+    ...;
+} libxl_device_nic;
 
 typedef struct libxl_dominfo {
     libxl_uuid uuid;
@@ -92,6 +102,8 @@ typedef struct libxl_domain_config {
     libxl_domain_build_info b_info;
     int num_disks;
     libxl_device_disk *disks;
+    int num_nics;
+    libxl_device_nic *nics;
     ...;
 } libxl_domain_config;
 
@@ -113,6 +125,7 @@ void libxl_domain_config_dispose(libxl_domain_config *d_config);
 void libxl_domain_build_info_init_type(libxl_domain_build_info *p, libxl_domain_type type);
 void libxl_device_disk_init(libxl_device_disk *p);
 void libxl_device_disk_dispose(libxl_device_disk *p);
+void libxl_device_nic_init(libxl_device_nic *p);
 int libxl_bitmap_alloc(libxl_ctx *ctx, libxl_bitmap *bitmap, int n_bits);
 void libxl_bitmap_set(libxl_bitmap *bitmap, int bit);
 void libxl_uuid_generate(libxl_uuid *uuid);

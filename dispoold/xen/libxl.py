@@ -93,6 +93,17 @@ class DomInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class NicSpec:
+    """A PV network interface (a vif), plugged into ``bridge`` by the backend domain's
+    hotplug script (dom0's ``vif-bridge`` when ``backend`` is None)."""
+
+    devid: int
+    mac: str
+    bridge: str | None = None
+    backend: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DomainSpec:
     """A PV (or PVH) domain booted directly from a kernel, as dispoold creates them."""
 
@@ -105,6 +116,7 @@ class DomainSpec:
     vcpus: int
     #: Disk specifications in xl's syntax, parsed by libxlutil's ``xlu_disk_parse``.
     disks: tuple[str, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
     #: Written under ``/local/domain/<domid>/`` in the same xenstore transaction that
     #: names the domain (``libxl_domain_create_info.xsdata``).
     xsdata: dict[str, str] = field(default_factory=dict)
@@ -331,6 +343,23 @@ class Libxl:
                 # later one fails to parse.
                 config.num_disks = i + 1
                 self._parse_disk(text, ffi.addressof(disks[i]))
+        if spec.nics:
+            size = ffi.sizeof("libxl_device_nic")
+            nics = ffi.cast("libxl_device_nic *", self._calloc(len(spec.nics), size))
+            config.nics = nics
+            for i, nic in enumerate(spec.nics):
+                lib.libxl_device_nic_init(ffi.addressof(nics[i]))
+                config.num_nics = i + 1
+                nics[i].devid = nic.devid
+                octets = bytes.fromhex(nic.mac.replace(":", ""))
+                if len(octets) != 6:
+                    raise ValueError(f"vif {nic.devid}: {nic.mac!r} is not a MAC address")
+                for k, octet in enumerate(octets):
+                    nics[i].mac[k] = octet
+                if nic.bridge:
+                    nics[i].bridge = self._strdup(nic.bridge)
+                if nic.backend:
+                    nics[i].backend_domname = self._strdup(nic.backend)
 
     def _parse_disk(self, spec: str, disk: Any) -> None:
         ffi = self._ffi
