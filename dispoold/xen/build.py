@@ -134,6 +134,22 @@ uint8_t *libxl_uuid_bytearray(libxl_uuid *uuid);
 int libxl_domain_create_new(libxl_ctx *ctx, libxl_domain_config *d_config, uint32_t *domid,
                             const libxl_asyncop_how *ao_how,
                             const libxl_asyncprogress_how *aop_console_how);
+typedef struct libxl_domain_restore_params {
+    int checkpointed_stream;
+    uint32_t stream_version;
+    ...;
+} libxl_domain_restore_params;
+void libxl_domain_restore_params_init(libxl_domain_restore_params *p);
+void libxl_domain_restore_params_dispose(libxl_domain_restore_params *p);
+int libxl_domain_create_restore(libxl_ctx *ctx, libxl_domain_config *d_config,
+                                uint32_t *domid, int restore_fd, int send_back_fd,
+                                const libxl_domain_restore_params *params,
+                                const libxl_asyncop_how *ao_how,
+                                const libxl_asyncprogress_how *aop_console_how);
+int libxl_domain_suspend(libxl_ctx *ctx, uint32_t domid, int fd, int flags,
+                         const libxl_asyncop_how *ao_how);
+int libxl_domain_rename(libxl_ctx *ctx, uint32_t domid, const char *old_name,
+                        const char *new_name);
 int libxl_domain_pause(libxl_ctx *ctx, uint32_t domid, const libxl_asyncop_how *ao_how);
 int libxl_domain_unpause(libxl_ctx *ctx, uint32_t domid, const libxl_asyncop_how *ao_how);
 int libxl_domain_destroy(libxl_ctx *ctx, uint32_t domid, const libxl_asyncop_how *ao_how);
@@ -172,6 +188,8 @@ struct xs_permissions *xs_get_permissions(struct xs_handle *h, xs_transaction_t 
 bool xs_watch(struct xs_handle *h, const char *path, const char *token);
 bool xs_unwatch(struct xs_handle *h, const char *path, const char *token);
 int xs_fileno(struct xs_handle *h);
+xs_transaction_t xs_transaction_start(struct xs_handle *h);
+bool xs_transaction_end(struct xs_handle *h, xs_transaction_t t, bool abort);
 char **xs_check_watch(struct xs_handle *h);
 
 /* --- dispoold's C helpers (below) --- */

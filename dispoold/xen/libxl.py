@@ -294,6 +294,72 @@ class Libxl:
         finally:
             lib.libxl_domain_config_dispose(config)
 
+    def save(self, domid: int, fd: int) -> None:
+        """Suspend the domain and write its state to ``fd`` (a libxl migration stream,
+        version 2). The domain is left suspended (shut down, reason suspend): the
+        caller destroys it."""
+        lib = self._lib
+        rc = self._call(
+            "libxl_domain_suspend",
+            lib.libxl_domain_suspend,
+            self._ctx,
+            domid,
+            fd,
+            0,
+            self._ffi.NULL,
+        )
+        self._check("libxl_domain_suspend", rc)
+
+    def restore(self, spec: DomainSpec, fd: int) -> tuple[int, bytes]:
+        """Build a new domain from ``spec`` with the state read from ``fd`` (what
+        :meth:`save` wrote), and leave it paused. Returns ``(domid, uuid)``; a half-built
+        domain is destroyed before :class:`LibxlError` is raised."""
+        ffi, lib = self._ffi, self._lib
+        config = ffi.new("libxl_domain_config *")
+        params = ffi.new("libxl_domain_restore_params *")
+        lib.libxl_domain_config_init(config)
+        lib.libxl_domain_restore_params_init(params)
+        params.stream_version = 2  # what libxl_domain_suspend writes
+        domid = ffi.new("uint32_t *", INVALID_DOMID)
+        try:
+            self._fill(config, spec)
+            rc = self._call(
+                "libxl_domain_create_restore",
+                lib.libxl_domain_create_restore,
+                self._ctx,
+                config,
+                domid,
+                fd,
+                -1,
+                params,
+                ffi.NULL,
+                ffi.NULL,
+            )
+            if rc:
+                error = LibxlError("libxl_domain_create_restore", rc, self._last_error())
+                if int(domid[0]) not in (INVALID_DOMID, 0):
+                    self._destroy_quietly(int(domid[0]))
+                raise error
+            uuid = bytes(
+                ffi.buffer(lib.libxl_uuid_bytearray(ffi.addressof(config.c_info.uuid)), 16)
+            )
+            return int(domid[0]), uuid
+        finally:
+            lib.libxl_domain_restore_params_dispose(params)
+            lib.libxl_domain_config_dispose(config)
+
+    def rename(self, domid: int, old_name: str, new_name: str) -> None:
+        """Rename the domain, checking in the same transaction that it is ``old_name``."""
+        rc = self._call(
+            "libxl_domain_rename",
+            self._lib.libxl_domain_rename,
+            self._ctx,
+            domid,
+            old_name.encode(),
+            new_name.encode(),
+        )
+        self._check("libxl_domain_rename", rc)
+
     def check_disk(self, spec: str) -> None:
         """Parse one xl disk specification; raises ValueError saying what is wrong."""
         ffi, lib = self._ffi, self._lib

@@ -53,6 +53,25 @@ class XenStore:
         if not self._lib.xs_write(self._h(), self._lib.XBT_NULL, path.encode(), raw, len(raw)):
             raise self._error("xs_write", path)
 
+    def write_all(self, values: dict[str, str]) -> None:
+        """Write several nodes in one transaction: the guest sees all of them or none
+        (retried when xenstored reports a conflicting transaction, EAGAIN)."""
+        lib = self._lib
+        while True:
+            transaction = lib.xs_transaction_start(self._h())
+            if transaction == 0:
+                raise self._error("xs_transaction_start", "")
+            for path, value in values.items():
+                raw = value.encode()
+                if not lib.xs_write(self._h(), transaction, path.encode(), raw, len(raw)):
+                    error = self._error("xs_write", path)
+                    lib.xs_transaction_end(self._h(), transaction, True)
+                    raise error
+            if lib.xs_transaction_end(self._h(), transaction, False):
+                return
+            if self._ffi.errno != errno.EAGAIN:
+                raise self._error("xs_transaction_end", "")
+
     def rm(self, path: str) -> None:
         """Remove a node and its children; a missing node is not an error."""
         removed = self._lib.xs_rm(self._h(), self._lib.XBT_NULL, path.encode())
