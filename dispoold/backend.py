@@ -90,6 +90,10 @@ class Provision:
 
     disks: tuple[Disk, ...] = ()
     identity: Identity | None = None
+    #: This boot prepares a savefile (docs/guest.md): the guest runs ``prerun`` (if
+    #: any), reports its used memory and waits to be saved.
+    save_request: bool = False
+    prerun: str | None = None
 
 
 #: A domain with no disks and no identity of its own.
@@ -198,6 +202,37 @@ class Backend(Protocol):
         """Deaths and foreign unpauses of the domains this backend created or found via
         :meth:`list_owned`, as they happen. One consumer; ends when the backend closes."""
         ...
+
+
+@runtime_checkable
+class SaveRestore(Protocol):
+    """A backend that can save a prepared domain to a file and restore copies of it
+    (the savefile origin, :mod:`dispoold.savefile`). Optional: without it, templates
+    have no savefiles and the engine says so."""
+
+    async def wait_prepared(self, name: str, timeout: float) -> int:
+        """Return the used memory (MiB) the guest reports once it is prepared for a save
+        (it was created with ``Provision.save_request``). Raises :class:`NotReady` after
+        ``timeout`` or if it dies."""
+
+    async def save(self, name: str, path: Path) -> None:
+        """Suspend the domain and write its state to ``path`` (created, must not exist).
+        The domain is left shut down, and no death is reported for it: destroy it next."""
+
+    async def restore(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision,
+        *,
+        path: Path,
+        memory_mib: int,
+    ) -> int:
+        """Create domain ``name`` from the state in ``path``, with its own marker, disks
+        and identity (a new seed), told that its restore is complete, and start it, with
+        ``memory_mib`` (what it was saved with). Returns its domid. Like
+        :meth:`Backend.create`: nothing is left behind on failure."""
 
 
 def load_backend(name: str, options: Mapping[str, Any]) -> Backend:

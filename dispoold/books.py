@@ -12,12 +12,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from dispoold.journal import Journal, Record
 from dispoold.lifecycle import POOL, Event, Stage, next_stage
 from dispoold.storage import Planned
 from dispoold.views import DisposableView, OriginName
+
+
+class Build(StrEnum):
+    """How the disposable's domain is made."""
+
+    #: Booted from the template's kernel.
+    BOOT = "boot"
+    #: Restored from the template's savefile.
+    RESTORE = "restore"
+    #: Booted to be saved: it becomes the template's savefile, never a disposable.
+    SAVE = "save"
 
 
 @dataclass(eq=False)
@@ -51,6 +63,7 @@ class Disposable:
     destroying: asyncio.Task[None] | None = None
     #: Its own volumes, in the order they were made (removed in reverse).
     volumes: list[Planned] = field(default_factory=list)
+    build: Build = Build.BOOT
 
     def at(self, *stages: Stage) -> bool:
         """In one of ``stages`` now (a call, so that a check after an await is not
@@ -156,7 +169,11 @@ class Books:
 
     def members(self, template: str) -> list[Disposable]:
         """The template's pool: preloads at any stage before a request takes them."""
-        return [d for d in self._by_name.values() if d.template == template and d.stage in POOL]
+        return [
+            d
+            for d in self._by_name.values()
+            if d.template == template and d.stage in POOL and d.origin != "prepare"
+        ]
 
     def in_stage(self, *stages: Stage) -> list[Disposable]:
         return [d for d in self._by_name.values() if d.stage in stages]

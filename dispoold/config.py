@@ -214,6 +214,31 @@ class InterfaceSettings(_Table):
         return self
 
 
+class SavefileSettings(_Table):
+    """Where savefiles are kept, and how long their work may take (``[savefile]``)."""
+
+    #: RAM-backed by default (R3.2 copied its savefile to /dev/shm): a restore reads the
+    #: whole image. A savefile takes about the memory its domain was saved with.
+    directory: Path = Path("/run/dispoold/savefiles")
+    #: How long a request waits for a restore before falling through to a fresh start.
+    restore_timeout: float = Field(60.0, gt=0)
+    #: How long preparing a savefile (boot, prerun, shrink, save) may take.
+    prepare_timeout: float = Field(900.0, gt=0)
+
+
+class TemplateSavefile(_Table):
+    """A template's savefile (``[templates.NAME.savefile]``): disposables restored from a
+    saved, booted domain instead of booted (Qubes R3.2's method)."""
+
+    enabled: bool = False
+    #: A shell script the guest runs before it is saved, to warm its caches; at most
+    #: 3072 bytes. Its content is part of what the savefile is made from.
+    prerun: Path | None = None
+    #: Make the template's preloads by restoring too (faster than a boot), not only the
+    #: disposables requests get when the pool is empty.
+    refill: bool = True
+
+
 class TemplateSettings(_Table):
     """A disposable template: what every disposable made from it looks like."""
 
@@ -229,6 +254,7 @@ class TemplateSettings(_Table):
     storage: PoolName | None = None
     volumes: tuple[VolumeSettings, ...] = ()
     interfaces: Annotated[tuple[InterfaceSettings, ...], Field(max_length=16)] = ()
+    savefile: TemplateSavefile = TemplateSavefile()
     memory: Annotated[int, Field(ge=16)] = 400
     maxmem: Annotated[int, Field(ge=16)] | None = None
     vcpus: Annotated[int, Field(ge=1, le=128)] = 1
@@ -273,7 +299,7 @@ class TemplateSettings(_Table):
     def files(self) -> list[Path]:
         """The files a disposable is built from; a change to any of them outdates preloads.
         (The sources of its volumes are for their storage driver to identify.)"""
-        paths = [p for p in (self.kernel, self.ramdisk) if p is not None]
+        paths = [p for p in (self.kernel, self.ramdisk, self.savefile.prerun) if p is not None]
         paths += [Path(v.source) for v in self.volumes if v.role == "read-only" and v.source]
         return paths
 
@@ -316,6 +342,7 @@ class Config(_Table):
     backend: BackendSettings = BackendSettings()
     memory: MemorySettings = MemorySettings()
     pool: PoolSettings = PoolSettings()
+    savefile: SavefileSettings = SavefileSettings()
     storage: dict[PoolName, StorageSettings] = Field(default_factory=dict)
     templates: dict[TemplateName, TemplateSettings] = Field(default_factory=dict)
     sources: dict[str, SourceSettings] = Field(default_factory=dict)

@@ -24,6 +24,10 @@ EVENT_NAMES = frozenset(
         "removed",
         "refreshed",
         "gap",
+        "savefile-preparing",
+        "savefile-ready",
+        "savefile-failed",
+        "savefile-discarded",
     }
 )
 

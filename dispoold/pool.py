@@ -41,8 +41,9 @@ from dispoold.backend import (
     Marker,
     NotPaused,
     Provision,
+    SaveRestore,
 )
-from dispoold.books import Books, Disposable
+from dispoold.books import Books, Build, Disposable
 from dispoold.config import Config, TemplateSettings
 from dispoold.errors import (
     BadRequest,
@@ -65,9 +66,26 @@ from dispoold.memory import NoMemory as HostOutOfMemory
 from dispoold.origins import Origin
 from dispoold.origins.fresh import FreshStart
 from dispoold.origins.preload import Preloads
+from dispoold.origins.restore import Keeper, Restores
 from dispoold.recovery import Fate, plan
+from dispoold.savefile import (
+    MAX_PRERUN_BYTES,
+    Description,
+    SavedVolume,
+    Savefile,
+    SavefileError,
+    State,
+    Store,
+)
 from dispoold.storage import Planned, Storage, StorageError
-from dispoold.views import Handout, OriginName, PoolView, TemplateView, VolumeView
+from dispoold.views import (
+    Handout,
+    OriginName,
+    PoolView,
+    SavefileView,
+    TemplateView,
+    VolumeView,
+)
 
 T = TypeVar("T")
 
@@ -79,7 +97,7 @@ SUSPEND_TIMEOUT = 60.0
 _TRIM_ORDER = {Stage.PRELOAD: 0, Stage.STARTUP: 1, Stage.SHRINKING: 2, Stage.PAUSED: 3}
 
 #: The failures of the engine's ports: what a step of a bring-up may raise.
-PORT_ERRORS = (BackendError, MemoryManagerError, StorageError)
+PORT_ERRORS = (BackendError, MemoryManagerError, StorageError, SavefileError)
 
 
 class Outcome(Enum):
@@ -113,6 +131,8 @@ class Queue:
     #: Loop time before which no preload starts (back-off after failures).
     retry_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    #: When the savefile's preparation is due (if the template has one).
+    timer_savefile: asyncio.TimerHandle | None = None
 
 
 Step = Callable[[Disposable, Queue], Awaitable[Outcome]]
@@ -152,8 +172,14 @@ class Pool:
         }
         #: MiB used by each volume, as last measured (status shows them per template).
         self._volume_usage: dict[str, float] = {}
+        #: What the backend probed at start (``capabilities``), for status.
+        self._hypervisor: dict[str, Any] = {}
         #: Asked in this order for every request: the fastest way to a disposable first.
-        self.origins: tuple[Origin, ...] = (Preloads(self), FreshStart(self))
+        self.origins: tuple[Origin, ...] = (Preloads(self), Restores(self), FreshStart(self))
+        self.keeper = Keeper(
+            Store(config.savefile.directory), self._storage, journal, bus, log.getChild("savefile")
+        )
+        self.keeper.configure(self._savefile_templates(config))
         self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
         self._fill_lock = asyncio.Lock()
         self._pending_mib = 0
@@ -169,11 +195,16 @@ class Pool:
     async def start(self) -> None:
         """Replay the journal, reconcile it with the backend, start watching, fill."""
         self.limits.load()
+        probe = getattr(self._backend, "capabilities", None)
+        if probe is not None:
+            self._hypervisor = await probe()
+        await self.keeper.load({n: q.fingerprint for n, q in self._queues.items()})
         await self._recover()
         self._spawn(self._watch_backend(), "backend events")
         self._spawn(self._watch_templates(), "template files")
         for queue in self._queues.values():
             self._schedule_fill(queue)
+            self._want_savefile(queue)
 
     async def stop(self, drain: float) -> None:
         """Stop filling, destroy half-started preloads (paused ones survive for the next
@@ -267,6 +298,8 @@ class Pool:
                 if origin.last_resort:
                     raise _request_error(problem)
                 self._log.info("%s could not be handed out (%s); trying another", d.name, problem)
+                if not origin.repeat:
+                    break
         # The last origin always claims; reaching here means the table of origins is wrong.
         raise StartFailed("no origin could make a disposable")
 
@@ -321,6 +354,10 @@ class Pool:
 
     # == what the origins use ===========================================================
 
+    def fingerprint_of(self, template: str) -> str | None:
+        queue = self._queues.get(template)
+        return None if queue is None else queue.fingerprint
+
     def is_current(self, d: Disposable) -> bool:
         """``d`` was made from its template as it is now (not outdated)."""
         queue = self._queues.get(d.template)
@@ -340,6 +377,8 @@ class Pool:
         bring-up (create and boot, no pause). Raises :class:`DispidsExhausted`."""
         queue = self._queues[template]
         d = self._new_disposable(queue, origin)
+        if origin == "restore":
+            d.build = Build.RESTORE
         self.books.move(d, Event.REQUEST)
         self._publish_requested(d)
         d.bring_up = self._spawn(
@@ -444,6 +483,10 @@ class Pool:
                     continue
                 d.reserved_mib = queue.settings.memory
                 self._pending_mib += d.reserved_mib
+                if queue.settings.savefile.refill and self.keeper.usable(
+                    queue.name, queue.fingerprint
+                ):
+                    d.build = Build.RESTORE
                 steps = (self._create, self._boot, self._shrink, self._pause)
                 d.bring_up = self._spawn(self._bring_up(d, queue, steps), f"preload {d.name}")
 
@@ -477,6 +520,64 @@ class Pool:
             self.config.pool.dispid_quarantine_days * 86400, exclude=self.books.dispids()
         )
         return self.books.open(dispid, queue.name, queue.fingerprint, origin)
+
+    # == savefiles ======================================================================
+
+    def _savefile_templates(self, config: Config) -> list[str]:
+        if not isinstance(self._backend, SaveRestore):
+            return []
+        return [n for n, t in config.templates.items() if t.savefile.enabled and t.dispvm_template]
+
+    def _want_savefile(self, queue: Queue, delay: float = 0.0) -> None:
+        """Make the template's savefile (in ``delay`` seconds) if it needs one: none,
+        or an invalid one, and nobody making it. Never in a request's way."""
+        sf = self.keeper.savefiles.get(queue.name)
+        if sf is None or self._stopping or sf.state in (State.READY, State.PREPARING):
+            return
+        if queue.timer_savefile is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(delay, sf.retry_at - loop.time(), 0.0)
+        queue.timer_savefile = loop.call_later(delay, self._start_prepare, queue)
+
+    def _start_prepare(self, queue: Queue) -> None:
+        queue.timer_savefile = None
+        sf = self.keeper.savefiles.get(queue.name)
+        if (
+            sf is None
+            or self._stopping
+            or self._suspended
+            or self._queues.get(queue.name) is not queue
+            or sf.state in (State.READY, State.PREPARING)
+        ):
+            return
+        if not queue.settled:
+            return  # the template's files are still changing: the settle retries
+        sf.state, sf.started_at = State.PREPARING, self._now()
+        self._spawn(self._prepare(queue, sf.description is not None), f"savefile {queue.name}")
+
+    async def _prepare(self, queue: Queue, stale: bool) -> None:
+        """Discard what is left of an old savefile, then boot a domain to be saved."""
+        sf = self.keeper.savefiles[queue.name]
+        if stale:
+            try:
+                await self.keeper.discard(sf)
+            except (StorageError, SavefileError) as exc:
+                self.keeper.failed(queue.name, f"the old savefile stays: {exc}", 60.0, _loop_time())
+                self._want_savefile(queue, 60.0)
+                return
+        try:
+            d = self._new_disposable(queue, "prepare")
+        except DispidsExhausted as exc:
+            self.keeper.failed(queue.name, str(exc), self._backoff(sf.failures + 1), _loop_time())
+            self._want_savefile(queue)
+            return
+        d.build = Build.SAVE
+        self.bus.publish("savefile-preparing", {"template": queue.name, "name": d.name})
+        self._log.info("%s: preparing the savefile of %s", d.name, queue.name)
+        steps = (self._create, self._boot, self._shrink, self._save)
+        d.bring_up = asyncio.current_task()
+        await self._bring_up(d, queue, steps)
 
     # == bringing a disposable up =======================================================
 
@@ -518,6 +619,11 @@ class Pool:
         self, d: Disposable, queue: Queue, outcome: Outcome, failure: BaseException | None
     ) -> None:
         self._died.discard(d.name)
+        if d.origin == "prepare" and failure is None:
+            sf = self.keeper.savefiles.get(d.template)
+            if sf is not None and sf.state is State.PREPARING:  # cut short before the save
+                sf.state = State.ABSENT
+                self._want_savefile(queue)
         if failure is not None:
             await self._failed(d, queue, failure)
         elif outcome is Outcome.GO:
@@ -541,10 +647,20 @@ class Pool:
         settings = queue.settings
         instance = self.config.daemon.instance
         marker = Marker(owner=instance, template=d.template, dispid=d.dispid)
-        disks = await self._make_volumes(d, settings)
+        saved: Description | None = None
+        if d.build is Build.RESTORE:
+            saved = await self.keeper.verified(d.template)
+            disks = await self._restore_volumes(d, saved)
+        else:
+            disks = await self._make_volumes(d, settings)
         if (outcome := self._checkpoint(d)) is not Outcome.GO:
             return outcome
-        provision = Provision(disks, identity.identity(d.name, settings, instance, d.dispid))
+        provision = Provision(
+            disks,
+            identity.identity(d.name, settings, instance, d.dispid),
+            save_request=d.build is Build.SAVE,
+            prerun=await self._prerun(settings) if d.build is Build.SAVE else None,
+        )
         try:
             async with self._memory.allocation(d.name, settings.memory):
                 if d.origin == "preload":
@@ -558,8 +674,13 @@ class Pool:
                         return Outcome.NO_ROOM
                 # Not cancellable halfway: a cancelled caller leaves the creation running
                 # and the next start finds the domain through the journal.
-                create = self._backend.create(d.name, settings, marker, provision)
-                d.domid = await asyncio.shield(create)
+                if saved is not None:
+                    d.domid = await asyncio.shield(
+                        self._restore(d, settings, marker, provision, saved)
+                    )
+                else:
+                    create = self._backend.create(d.name, settings, marker, provision)
+                    d.domid = await asyncio.shield(create)
         except HostOutOfMemory as exc:
             if d.origin == "preload":
                 self._log.info("%s: not started: %s", d.name, exc)
@@ -584,16 +705,73 @@ class Pool:
             disks.append(Disk(volume.vdev, path, writable=True))
         return tuple(disks)
 
+    async def _restore_volumes(self, d: Disposable, saved: Description) -> tuple[Disk, ...]:
+        """Snapshots of the volumes saved with the savefile, recorded before they are
+        made. A failure is the savefile's (:class:`SavefileError`)."""
+        disks = []
+        for kept in saved.volumes:
+            planned = Planned(kept.pool, self._storage.name_for(d.name, kept.vdev), kept.vdev)
+            self._journal.add_volume(d.name, planned)
+            d.volumes.append(planned)
+            try:
+                path = await self._storage.clone_from(planned, kept.planned())
+            except StorageError as exc:
+                raise SavefileError(f"the savefile's volume {kept.name}: {exc}") from None
+            disks.append(Disk(kept.vdev, path, writable=True))
+        return tuple(disks)
+
+    async def _restore(
+        self,
+        d: Disposable,
+        settings: TemplateSettings,
+        marker: Marker,
+        provision: Provision,
+        saved: Description,
+    ) -> int:
+        if not isinstance(self._backend, SaveRestore):  # pragma: no cover - never claimed
+            raise SavefileError("the backend cannot restore")
+        try:
+            return await self._backend.restore(
+                d.name,
+                settings,
+                marker,
+                provision,
+                path=self.keeper.store.image(d.template),
+                memory_mib=saved.memory_mib,
+            )
+        except BackendError as exc:
+            raise SavefileError(f"restore from the savefile of {d.template}: {exc}") from None
+
+    async def _prerun(self, settings: TemplateSettings) -> str | None:
+        path = settings.savefile.prerun
+        if path is None:
+            return None
+        try:
+            script = await asyncio.to_thread(path.read_text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SavefileError(f"prerun script {path}: {exc}") from None
+        if len(script.encode()) > MAX_PRERUN_BYTES:
+            raise SavefileError(
+                f"prerun script {path} is over {MAX_PRERUN_BYTES} bytes (a guest reads it"
+                " from xenstore, docs/guest.md)"
+            )
+        return script
+
     async def _boot(self, d: Disposable, queue: Queue) -> Outcome:
-        """Wait until the guest reports readiness."""
+        """Wait until the guest reports readiness (or, booted to be saved, that it is
+        prepared for the save)."""
         self.books.move(d, Event.START)
         if d.origin == "preload":
             self.bus.publish("preload-started", {"name": d.name, "template": d.template})
         if (outcome := self._checkpoint(d)) is not Outcome.GO:
             return outcome
-        cut, _ = await self._wait_on(
-            d, self._backend.wait_ready(d.name, self.config.pool.startup_timeout)
-        )
+        if d.build is Build.SAVE and isinstance(self._backend, SaveRestore):
+            wait: Coroutine[Any, Any, object] = self._backend.wait_prepared(
+                d.name, self.config.savefile.prepare_timeout
+            )
+        else:
+            wait = self._backend.wait_ready(d.name, self.config.pool.startup_timeout)
+        cut, _ = await self._wait_on(d, wait)
         # Looked at even when the wait ended by itself: a discard may have landed in the
         # same turn of the loop as the guest's readiness, too late to cut the wait.
         if (outcome := self._checkpoint(d)) is not Outcome.GO:
@@ -641,6 +819,60 @@ class Pool:
             )
         return Outcome.GO
 
+    async def _save(self, d: Disposable, queue: Queue) -> Outcome:
+        """Save the prepared, shrunk domain as the template's savefile, keep its volumes
+        beside it, and make it usable (image first, description last). The domain,
+        shut down by the save, is then destroyed like a discarded preload."""
+        if d.stage is not Stage.SHRINKING or not isinstance(self._backend, SaveRestore):
+            return Outcome.GO
+        store = self.keeper.store
+        temporary = store.temporary(d.template)
+        await asyncio.to_thread(temporary.unlink, missing_ok=True)
+        await self._backend.save(d.name, temporary)
+        if (outcome := self._checkpoint(d)) is not Outcome.GO:
+            await asyncio.to_thread(temporary.unlink, missing_ok=True)
+            return outcome
+        digest, size = await store.checksum(temporary)
+        sf = self.keeper.savefiles[d.template]
+        old = sf.description
+        if old is not None:
+            await self.keeper.discard(sf)
+        kept = await self.keeper.preserve(d.template, d.volumes, self.config.daemon.instance)
+        d.volumes.clear()
+        described = Description(
+            template=d.template,
+            fingerprint=d.fingerprint,
+            memory_mib=d.memory_mib or queue.settings.memory,
+            maxmem_mib=queue.settings.max_memory,
+            vcpus=queue.settings.vcpus,
+            image=store.image(d.template).name,
+            size=size,
+            sha256=digest,
+            volumes=tuple(SavedVolume(vdev=v.vdev, pool=v.pool, name=v.name) for v in kept),
+            made_at=self._now(),
+            seconds=self._now() - (sf.started_at or self._now()),
+        )
+        sf.verified = await store.complete(described)
+        sf.description, sf.state, sf.error, sf.failures = described, State.READY, None, 0
+        self._log.info(
+            "savefile of %s ready: %.1f MiB, saved at %d MiB",
+            d.template,
+            size / 2**20,
+            described.memory_mib,
+        )
+        self.bus.publish(
+            "savefile-ready",
+            {
+                "template": d.template,
+                "size_mib": round(size / 2**20, 1),
+                "memory_mib": described.memory_mib,
+            },
+        )
+        self._end(d, Event.DISCARD, "saved as the savefile")
+        # Preloads may be made by restoring now.
+        self._schedule_fill(queue)
+        return self._checkpoint(d)
+
     async def _wait_on(self, d: Disposable, coro: Coroutine[Any, Any, T]) -> tuple[bool, T | None]:
         """Await ``coro`` as a wait others may cut short (:meth:`_end`, :meth:`take`,
         a death). Returns ``(True, None)`` when they did; the engine's own cancellation
@@ -670,14 +902,24 @@ class Pool:
             )
         if d.stage is not Stage.DESTROYING:
             self.books.move(d, Event.FAIL)
+        now = asyncio.get_running_loop().time()
         if d.origin == "preload":
             queue.failures += 1
-            backoff = min(
-                self.config.pool.failure_backoff * 2 ** (queue.failures - 1),
-                self.config.pool.failure_backoff_max,
-            )
-            queue.retry_at = asyncio.get_running_loop().time() + backoff
+            queue.retry_at = now + self._backoff(queue.failures)
+        if d.origin == "prepare" and (sf := self.keeper.savefiles.get(d.template)) is not None:
+            self.keeper.failed(d.template, str(exc), self._backoff(sf.failures + 1), now)
+        elif d.build is Build.RESTORE and not isinstance(exc, HostOutOfMemory):
+            # The saved domain did not come back: its savefile is not to be trusted.
+            self.keeper.invalidate(d.template, f"a restore failed: {exc}")
         await self._destroy(d, f"failed: {exc}")
+        if (
+            sf := self.keeper.savefiles.get(d.template)
+        ) is not None and sf.state is not State.READY:
+            self._want_savefile(queue, max(0.0, sf.retry_at - asyncio.get_running_loop().time()))
+
+    def _backoff(self, failures: int) -> float:
+        base = self.config.pool.failure_backoff
+        return float(min(base * 2 ** (failures - 1), self.config.pool.failure_backoff_max))
 
     def _release_reservation(self, d: Disposable) -> None:
         self._pending_mib -= d.reserved_mib
@@ -814,6 +1056,7 @@ class Pool:
         elif not queue.settled:
             queue.settled = True
             self._schedule_fill(queue)
+            self._want_savefile(queue)
 
     # == operator's controls ============================================================
 
@@ -844,6 +1087,10 @@ class Pool:
         members = self.books.members(queue.name)
         for d in members:
             self._end(d, Event.DISCARD, reason)
+        for d in self.books.in_stage(*POOL):
+            if d.template == queue.name and d.origin == "prepare":
+                self._end(d, Event.DISCARD, reason)  # it would save the old template
+        self.keeper.invalidate(queue.name, reason)
         self.bus.publish(
             "refreshed", {"template": queue.name, "reason": reason, "discarded": len(members)}
         )
@@ -872,6 +1119,7 @@ class Pool:
         self._suspended = False
         for queue in self._queues.values():
             self._schedule_fill(queue)
+            self._want_savefile(queue)
 
     async def reconfigure(self, config: Config) -> None:
         """Apply a reloaded configuration: new templates fill, removed ones lose their
@@ -895,8 +1143,18 @@ class Pool:
                 current.settings = settings
                 current.fingerprint = fingerprint
                 self._refresh(current, "template definition changed")
+        for gone in self.keeper.configure(self._savefile_templates(config)):
+            self._spawn(self._drop_savefile(gone.template), f"drop savefile {gone.template}")
         for queue in self._queues.values():
             self._schedule_fill(queue)
+            self._want_savefile(queue)
+
+    async def _drop_savefile(self, template: str) -> None:
+        sf = Savefile(template, description=await self.keeper.store.load(template))
+        try:
+            await self.keeper.discard(sf)
+        except (StorageError, SavefileError) as exc:
+            self._log.warning("savefile of %s (no longer enabled) stays: %s", template, exc)
 
     def _queue(self, template: str) -> Queue:
         queue = self._queues.get(template)
@@ -925,11 +1183,15 @@ class Pool:
                     threshold_gap=queue.gap if (queue := self._queues.get(name)) else 0,
                     disposables=[d.view() for d in sorted(members[name], key=lambda d: d.since)],
                     volumes=self._volume_views(queue, members[name]),
+                    savefile=sf.view(self._now())
+                    if (sf := self.keeper.savefiles.get(name)) is not None
+                    else SavefileView(state="absent"),
                 )
                 for name in names
             ],
             memory={**self._memory.status(), "threshold_mib": self.threshold_mib()},
             process=process.figures(),
+            hypervisor=self._hypervisor,
         )
 
     def _volume_views(self, queue: Queue | None, members: list[Disposable]) -> list[VolumeView]:
@@ -1007,7 +1269,7 @@ class Pool:
                 dispid=record.dispid,
                 template=record.template,
                 fingerprint=record.fingerprint,
-                origin="fresh" if record.origin == "fresh" else "preload",
+                origin=_origin(record.origin),
                 stage=record.stage,
                 since=record.since,
                 domid=record.domid,
@@ -1029,8 +1291,8 @@ class Pool:
         """Remove this daemon's volumes that belong to no disposable in the books: the
         journal's records of volumes whose disposable is gone, and volumes no record
         names (the journal was lost, or a crash fell between a removal and its record)."""
-        known = {d.name for d in self.books}
-        leftovers = [v for vs in unowned.values() for v in vs]
+        known = {d.name for d in self.books} | self.keeper.known_owners()
+        leftovers = [v for o, vs in unowned.items() if o not in known for v in vs]
         try:
             found = await self._storage.leftovers(known)
         except StorageError as exc:
@@ -1100,6 +1362,17 @@ class Pool:
         self._log.warning(
             "%s: running, marked as ours but not in the journal; tracked as handed out", d.name
         )
+
+
+def _origin(recorded: str) -> OriginName:
+    for known in ("preload", "restore", "fresh", "prepare"):
+        if recorded == known:
+            return known
+    return "preload"
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _request_error(problem: BaseException | None) -> DispooldError:

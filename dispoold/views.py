@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-#: Where a disposable came from (see :mod:`dispoold.origins`).
-OriginName = Literal["preload", "fresh"]
+#: Where a handed-out disposable came from (see :mod:`dispoold.origins`).
+HandoutOrigin = Literal["preload", "restore", "fresh"]
+#: What a disposable in the books is for: one of those, or preparing a savefile.
+OriginName = Literal["preload", "restore", "fresh", "prepare"]
 
 
 class View(BaseModel):
@@ -29,7 +31,7 @@ class Handout(View):
     domid: int
     dispid: int
     template: str
-    origin: OriginName
+    origin: HandoutOrigin
     paused: bool
     #: How long the request waited, from its arrival at the engine to the hand-over.
     waited_ms: float
@@ -59,12 +61,30 @@ class VolumeView(View):
     used_mib: float | None = None
 
 
+class SavefileView(View):
+    """A template's savefile (:mod:`dispoold.savefile`)."""
+
+    #: ``absent``, ``preparing``, ``ready`` or ``invalid``.
+    state: str
+    #: The template fingerprint it was made from.
+    made_from: str | None = None
+    #: Seconds since it was made.
+    age: float | None = None
+    size_mib: float | None = None
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    prepare_seconds: float | None = None
+    #: Why the last preparation or restore failed.
+    error: str | None = None
+
+
 class TemplateView(View):
     name: str
     max: int
     threshold_gap: int
     disposables: list[DisposableView]
     volumes: list[VolumeView] = []
+    savefile: SavefileView = SavefileView(state="absent")
 
 
 class ProcessView(View):
@@ -87,3 +107,5 @@ class PoolView(View):
     memory: dict[str, Any]
     #: Absent from a daemon that does not report it.
     process: ProcessView | None = None
+    #: What the hypervisor can do that dispoold might use (Xen's domain fork).
+    hypervisor: dict[str, Any] = {}

@@ -85,6 +85,19 @@ class FakePool:
         await self._step("remove", name)
         self._shared.volumes.pop(name, None)
 
+    async def rename(self, name: str, new_name: str) -> None:
+        await self._step("rename", name)
+        volume = self._shared.volumes.pop(name, None)
+        if volume is None:
+            raise StorageError(f"rename {name}: Failed to find logical volume")
+        volume.name = new_name
+        self._shared.volumes[new_name] = volume
+        # A volume of the pool can be the source of a snapshot.
+        self._shared.sources[new_name] = 1
+
+    def source_of(self, name: str) -> str:
+        return name
+
     async def names(self, prefix: str) -> list[str]:
         await self._step("names", prefix)
         return sorted(n for n in self._shared.volumes if n.startswith(prefix))

@@ -143,7 +143,7 @@ def test_the_shipped_sample_documents_every_setting() -> None:
     sample = (Path(__file__).parent.parent / "etc" / "dispoold.toml").read_text()
     shown = set(re.findall(r"^#?\s*([a-z_]+)\s*=", sample, re.MULTILINE))
     shown |= set(re.findall(r"\{ ([a-z_]+) =", sample))
-    shown |= set(re.findall(r"^\[\[templates\.[^.\]]+\.([a-z_]+)\]\]", sample, re.MULTILINE))
+    shown |= set(re.findall(r"^\[\[?templates\.[^.\]]+\.([a-z_]+)\]", sample, re.MULTILINE))
     from dispoold.storage.file import FileDriver
     from dispoold.storage.lvm_thin import LvmThin
 
@@ -157,6 +157,8 @@ def test_the_shipped_sample_documents_every_setting() -> None:
         config.TemplateSettings,
         config.VolumeSettings,
         config.InterfaceSettings,
+        config.SavefileSettings,
+        config.TemplateSavefile,
         config.SourceSettings,
         XenBackendOptions,
         XenTemplateOptions,

@@ -140,7 +140,7 @@ def test_request_errors(daemon: DaemonProcess, args: dict[str, Any], code: str) 
 
 def test_status(daemon: DaemonProcess) -> None:
     result = call(daemon, "status")["result"]
-    assert set(result) == {"templates", "memory", "process"}
+    assert set(result) == {"templates", "memory", "process", "hypervisor"}
     process = result["process"]
     assert daemon.process is not None and process["pid"] == daemon.process.pid
     assert process["rss_mib"] > 5
@@ -148,7 +148,7 @@ def test_status(daemon: DaemonProcess) -> None:
     names = [t["name"] for t in result["templates"]]
     assert {"fedora-dvm", "debian-dvm", "plain", "slow", "broken", "huge"} <= set(names)
     fedora = _template(result, "fedora-dvm")
-    assert set(fedora) == {"name", "max", "threshold_gap", "disposables", "volumes"}
+    assert set(fedora) == {"name", "max", "threshold_gap", "disposables", "volumes", "savefile"}
     assert fedora["max"] == 2 and fedora["threshold_gap"] == 0
     for vm in fedora["disposables"]:
         assert set(vm) == {"name", "domid", "stage", "since", "memory_mib", "origin", "note"}

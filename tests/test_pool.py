@@ -783,7 +783,7 @@ def test_status_has_the_protocol_shape(tmp_path: Path) -> None:
         status = h.status()
         assert [t["name"] for t in status["templates"]] == ["alt", "appvm", "dvm"]
         dvm = status["templates"][2]
-        assert set(dvm) == {"name", "max", "threshold_gap", "disposables", "volumes"}
+        assert set(dvm) == {"name", "max", "threshold_gap", "disposables", "volumes", "savefile"}
         by_name = {d["name"]: d for d in dvm["disposables"]}
         assert by_name[handout.name]["stage"] == "used"
         assert set(by_name[handout.name]) == {

@@ -6,6 +6,8 @@ the request's templates provides it:
 
 - :class:`~dispoold.origins.preload.Preloads`: a preload from the pool, paused and ready
   (or still booting: the request then waits for it, within limits);
+- :class:`~dispoold.origins.restore.Restores`: a new domain restored from the template's
+  savefile, when it has a ready one (:mod:`dispoold.savefile`);
 - :class:`~dispoold.origins.fresh.FreshStart`: a new domain created and booted for this
   request; it can always claim, so it comes last.
 
@@ -30,8 +32,11 @@ class Origin(Protocol):
     #: How the protocol names disposables from here (``origin`` in replies and status).
     name: OriginName
     #: True when a disposable this origin claimed cannot be handed over: the request
-    #: fails, rather than asking again.
+    #: fails, rather than asking the next origin.
     last_resort: bool
+    #: True when, after a claimed disposable could not be handed over, the request asks
+    #: this origin again (another preload); else it moves on to the next origin.
+    repeat: bool
 
     def claim(self, templates: Sequence[str]) -> Disposable | None:
         """A disposable of one of ``templates`` for a request, now ``requested``; None

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class FreshStart:
     name: OriginName = "fresh"
     last_resort = True
+    repeat = False
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool

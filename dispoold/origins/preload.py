@@ -22,6 +22,8 @@ TAKE_ORDER = {Stage.PAUSED: 0, Stage.SHRINKING: 1, Stage.STARTUP: 2}
 class Preloads:
     name: OriginName = "preload"
     last_resort = False
+    #: A preload that could not be handed over: the request takes another.
+    repeat = True
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -31,7 +33,7 @@ class Preloads:
         ready first; never an outdated one (the refresh replaces it)."""
         best: Disposable | None = None
         for d in self._pool.books:
-            if d.template not in templates or d.stage not in TAKE_ORDER:
+            if d.template not in templates or d.stage not in TAKE_ORDER or d.origin == "prepare":
                 continue
             if not self._pool.is_current(d):
                 continue

@@ -73,6 +73,13 @@ class StorageDriver(Protocol):
         """Remove volume ``name`` (detach it first where needed). A volume that does not
         exist is not an error."""
 
+    async def rename(self, name: str, new_name: str) -> None:
+        """Give volume ``name`` (no longer in use) the name ``new_name``: a savefile keeps
+        the volumes of the domain it saved."""
+
+    def source_of(self, name: str) -> str:
+        """What :meth:`clone` takes to snapshot this pool's own volume ``name``."""
+
     async def names(self, prefix: str) -> list[str]:
         """The pool's volumes whose name starts with ``prefix``."""
 
@@ -152,7 +159,7 @@ class Storage:
         for volume in template.volumes:
             pool = template.pool_of(volume)
             if pool is not None and volume.role in WRITABLE_ROLES:
-                name = f"{self._prefix}{disposable}{SEPARATOR}{volume.vdev}"
+                name = self.name_for(disposable, volume.vdev)
                 planned.append((Planned(pool, name, volume.vdev), volume))
         return planned
 
@@ -174,6 +181,17 @@ class Storage:
     async def remove(self, planned: Planned) -> None:
         """Remove a volume (gone already is fine). Raises :class:`StorageError`."""
         await self._driver(planned.pool).remove(planned.name)
+
+    async def rename(self, planned: Planned, new_name: str) -> None:
+        await self._driver(planned.pool).rename(planned.name, new_name)
+
+    async def clone_from(self, planned: Planned, saved: Planned) -> Path:
+        """Make ``planned`` a snapshot of ``saved``, a volume of the same pool."""
+        driver = self._driver(saved.pool)
+        return await driver.clone(planned.name, driver.source_of(saved.name))
+
+    def name_for(self, disposable: str, vdev: str) -> str:
+        return f"{self._prefix}{disposable}{SEPARATOR}{vdev}"
 
     async def leftovers(self, known: set[str]) -> list[Planned]:
         """This daemon's volumes that belong to no disposable in ``known`` (names)."""

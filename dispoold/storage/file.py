@@ -87,6 +87,20 @@ class FileDriver:
         except OSError as exc:
             raise StorageError(f"remove {name}: {exc.strerror}") from None
 
+    async def rename(self, name: str, new_name: str) -> None:
+        path, target = self._file(name), self._file(new_name)
+        for device in await self._loops(path):
+            await run_tool(
+                ["losetup", "--detach", device], f"detach {name}", self.options.command_timeout
+            )
+        try:
+            await asyncio.to_thread(os.replace, path, target)
+        except OSError as exc:
+            raise StorageError(f"rename {name} to {new_name}: {exc.strerror}") from None
+
+    def source_of(self, name: str) -> str:
+        return str(self._file(name))
+
     async def names(self, prefix: str) -> list[str]:
         def scan() -> list[str]:
             try:

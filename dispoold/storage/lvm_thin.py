@@ -86,6 +86,12 @@ class LvmThin:
             return
         await self._run(["lvremove", "--force", f"{self._vg}/{name}"], f"remove {name}")
 
+    async def rename(self, name: str, new_name: str) -> None:
+        await self._run(["lvrename", self._vg, name, new_name], f"rename {name} to {new_name}")
+
+    def source_of(self, name: str) -> str:
+        return name
+
     async def names(self, prefix: str) -> list[str]:
         out = await self._lvs(["lv_name"], self._vg, "list volumes")
         return [n for n in (line.strip() for line in out.splitlines()) if n.startswith(prefix)]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -36,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -59,10 +61,13 @@ from dispoold.xen import bindings, connection
 from dispoold.xen.keys import (
     MARKER_DIR,
     MARKER_KEYS,
+    RESTORE_COMPLETE_KEY,
+    USED_MEM_KEY,
     identity_keys,
     marker_keys,
     parse_kib,
     parse_marker,
+    save_request_keys,
 )
 from dispoold.xen.libxl import DomainSpec, DomInfo, Libxl, LibxlError, NicSpec
 from dispoold.xen.options import XenBackendOptions, XenTemplateOptions
@@ -127,6 +132,8 @@ def domain_spec(
         if volume.role == "read-only"
     ]
     xsdata = marker_keys(marker)
+    if provision.save_request:
+        xsdata |= save_request_keys(provision.prerun)
     nics: tuple[NicSpec, ...] = ()
     if provision.identity is not None:
         xsdata |= identity_keys(provision.identity)
@@ -314,10 +321,22 @@ class XenBackend:
         if self.options.readiness == "qrexec":
             await self._wait_qrexec(domain, timeout)
         else:
-            await self._wait_xenstore(domain, timeout)
+            await self._wait_key(domain, self.options.ready_key, timeout, "wait_ready")
 
-    async def _wait_xenstore(self, domain: _Domain, timeout: float) -> None:
-        path = self._key_path(domain.domid, self.options.ready_key)
+    async def wait_prepared(self, name: str, timeout: float) -> int:
+        try:
+            domain = await self._resolve("wait_prepared", name)
+        except NoSuchDomain:
+            raise NotReady("wait_prepared", name, "the domain is gone") from None
+        untrusted_value = await self._wait_key(domain, USED_MEM_KEY, timeout, "wait_prepared")
+        kib = parse_kib(untrusted_value, 2**40)
+        if kib is None:
+            raise NotReady("wait_prepared", name, f"{USED_MEM_KEY} is not a number of KiB")
+        return max(1, kib // 1024)
+
+    async def _wait_key(self, domain: _Domain, key: str, timeout: float, operation: str) -> str:
+        """The first value other than "" or "0" the guest writes to ``key``."""
+        path = self._key_path(domain.domid, key)
         xen = self._need(self._xen)
         token = xen.token("ready")
         fired = asyncio.Event()
@@ -330,18 +349,18 @@ class XenBackend:
                     fired.clear()
                     untrusted_value = await self._quick_call(xs.read, path)
                     if untrusted_value is not None and untrusted_value.strip() not in ("", "0"):
-                        return
+                        return untrusted_value
                     await self._first_of(fired, domain.died)
                     if domain.died.is_set():
-                        raise NotReady("wait_ready", domain.name, "the domain died while booting")
+                        raise NotReady(operation, domain.name, "the domain died while booting")
         except TimeoutError:
             raise NotReady(
-                "wait_ready",
+                operation,
                 domain.name,
                 f"the guest did not write {path} within {timeout:g} s",
             ) from None
         except XenStoreError as exc:
-            raise BackendError("wait_ready", domain.name, str(exc)) from None
+            raise BackendError(operation, domain.name, str(exc)) from None
         finally:
             xen.forget_watch(token)
             self._in_background(self._quick_call(xs_watch.unwatch, path, token))
@@ -532,6 +551,97 @@ class XenBackend:
         with self._need(self._xen).busy():
             self._need(self._xl_build).destroy(domid)
 
+    async def save(self, name: str, path: Path) -> None:
+        domain = await self._resolve("save", name)
+        # Forgotten first: the guest's suspend is no death to report.
+        self._forget(name)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._need(self._slow), self._save_sync, domain, path)
+        except LibxlError as exc:
+            raise BackendError("save", name, exc.describe()) from None
+        except OSError as exc:
+            raise BackendError("save", name, f"{path}: {exc.strerror or exc}") from None
+        log.info("saved %s (domid %d) to %s", name, domain.domid, path)
+
+    def _save_sync(self, domain: _Domain, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with self._need(self._xen).busy():
+                if self._info_sync(domain.domid, domain.uuid) is None:
+                    raise LibxlError("save", 0, "the domain is gone")
+                self._need(self._xl_build).save(domain.domid, fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def restore(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision,
+        *,
+        path: Path,
+        memory_mib: int,
+    ) -> int:
+        try:
+            options = XenTemplateOptions.model_validate(template.options)
+            spec = domain_spec(name, template, marker, options, provision)
+        except ValidationError as exc:
+            raise BackendError(
+                "restore", name, f"template options: {describe_validation(exc)}"
+            ) from None
+        except ValueError as exc:
+            raise BackendError("restore", name, str(exc)) from None
+        # The guest waits for restore/complete (docs/guest.md): written with its new
+        # identity, in the transaction that names the domain.
+        spec = dataclasses.replace(
+            spec,
+            memory_kib=memory_mib * 1024,
+            xsdata={**spec.xsdata, RESTORE_COMPLETE_KEY: "1"},
+        )
+        if name in self._creating:
+            raise BackendError("restore", name, "a create of that name is in progress")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._need(self._slow), self._restore_sync, spec, path)
+        self._creating[name] = future
+        try:
+            domid, uuid = await future
+        except LibxlError as exc:
+            raise BackendError("restore", name, exc.describe()) from None
+        except OSError as exc:
+            raise BackendError("restore", name, f"{path}: {exc.strerror or exc}") from None
+        finally:
+            if self._creating.get(name) is future:
+                del self._creating[name]
+        self._owners.add(marker.owner)
+        self._tracked[name] = _Domain(name, domid, uuid, marker)
+        log.info("restored %s (domid %d) from %s", name, domid, path)
+        return domid
+
+    def _restore_sync(self, spec: DomainSpec, path: Path) -> tuple[int, bytes]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with self._need(self._xen).busy():
+                xl = self._need(self._xl_build)
+                existing = xl.name_to_domid(spec.name)
+                if existing is not None:
+                    raise LibxlError(
+                        "restore",
+                        0,
+                        f"a domain named {spec.name} already exists (domid {existing})",
+                    )
+                domid, uuid = xl.restore(spec, fd)
+                try:
+                    xl.unpause(domid)
+                except LibxlError:
+                    xl.destroy(domid)
+                    raise
+                return domid, uuid
+        finally:
+            os.close(fd)
+
     async def domain_info(self, name: str) -> DomainInfo | None:
         domain = self._tracked.get(name)
         if domain is not None:
@@ -586,6 +696,27 @@ class XenBackend:
                 continue
             found.append(_Found(info, name, marker, self._maxmem_sync(info)))
         return found
+
+    async def capabilities(self) -> dict[str, object]:
+        """What this Xen could do for dispoold beyond the origins it uses. Domain fork
+        (the seed's third alternative) is probed and reported, never used: it needs a
+        libxl with the fork API, HVM guests with HAP, and a hypervisor built with memory
+        sharing (Debian's Xen 4.17 has neither the API nor memory sharing), and a fork
+        shares too much of its parent to be a disposable (docs/design.md)."""
+        xl = self._need(self._xl_ctl)
+        try:
+            caps = await self._quick_call(xl.physinfo)
+        except LibxlError as exc:
+            return {"fork": {"available": False, "why_not": [f"physinfo: {exc.describe()}"]}}
+        why_not = []
+        if not xl.have_vm_fork():
+            why_not.append("this libxl has no domain-fork API (LIBXL_HAVE_VM_FORK)")
+        if not caps["hvm"] or not caps["hap"]:
+            why_not.append(
+                "forks are HVM guests with HAP; this host offers "
+                + ("HVM without HAP" if caps["hvm"] else "no HVM")
+            )
+        return {"fork": {"available": not why_not, "why_not": why_not}, "caps": caps}
 
     async def free_memory_mib(self) -> int:
         try:

@@ -156,6 +156,17 @@ int libxl_domain_destroy(libxl_ctx *ctx, uint32_t domid, const libxl_asyncop_how
 int libxl_set_memory_target(libxl_ctx *ctx, uint32_t domid, int64_t target_memkb,
                             int relative, int enforce);
 int libxl_get_free_memory(libxl_ctx *ctx, uint64_t *memkb);
+typedef struct libxl_physinfo {
+    bool cap_hvm;
+    bool cap_pv;
+    bool cap_hap;
+    ...;
+} libxl_physinfo;
+void libxl_physinfo_init(libxl_physinfo *p);
+void libxl_physinfo_dispose(libxl_physinfo *p);
+int libxl_get_physinfo(libxl_ctx *ctx, libxl_physinfo *physinfo);
+/* 1 when this libxl has the domain-fork API (LIBXL_HAVE_VM_FORK), else 0. */
+int dispoold_have_vm_fork(void);
 
 void libxl_dominfo_init(libxl_dominfo *p);
 void libxl_dominfo_dispose(libxl_dominfo *p);
@@ -291,6 +302,15 @@ static const libxl_childproc_hooks dispoold_hooks_mainloop = {
 static const libxl_childproc_hooks dispoold_hooks_selective_reap = {
     .chldowner = libxl_sigchld_owner_libxl_always_selective_reap,
 };
+
+int dispoold_have_vm_fork(void)
+{
+#ifdef LIBXL_HAVE_VM_FORK
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 void dispoold_childproc_setmode(libxl_ctx *ctx, int mainloop)
 {

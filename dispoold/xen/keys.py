@@ -12,11 +12,19 @@ from collections.abc import Mapping
 
 from dispoold.backend import Marker
 from dispoold.identity import Identity
+from dispoold.savefile import MAX_PRERUN_BYTES
 
 #: The daemon's directory in the domain's area.
 MARKER_DIR = "dispoold"
 MARKER_KEYS = ("owner", "template", "dispid")
 IDENTITY_DIR = f"{MARKER_DIR}/identity"
+#: This boot prepares a savefile; the prerun script it runs first.
+SAVE_REQUEST_KEY = f"{MARKER_DIR}/save/request"
+SAVE_PRERUN_KEY = f"{MARKER_DIR}/save/prerun"
+#: Written on a restored domain once its new identity is in place.
+RESTORE_COMPLETE_KEY = f"{MARKER_DIR}/restore/complete"
+#: Where the guest reports its used memory (KiB) after a save request's prerun.
+USED_MEM_KEY = "data/used-mem"
 
 
 def marker_keys(marker: Marker) -> dict[str, str]:
@@ -53,6 +61,16 @@ def identity_keys(identity: Identity) -> dict[str, str]:
             keys[f"{base}/gateway"] = interface.gateway
         if interface.dns:
             keys[f"{base}/dns"] = " ".join(interface.dns)
+    return keys
+
+
+def save_request_keys(prerun: str | None) -> dict[str, str]:
+    """What asks a guest to prepare for a save (R3.2's qubes_save_request)."""
+    keys = {SAVE_REQUEST_KEY: "1"}
+    if prerun:
+        if len(prerun.encode()) > MAX_PRERUN_BYTES:
+            raise ValueError(f"the prerun script is over {MAX_PRERUN_BYTES} bytes")
+        keys[SAVE_PRERUN_KEY] = prerun
     return keys
 
 

@@ -223,6 +223,21 @@ class Libxl:
         self._check("libxl_get_free_memory", rc)
         return int(memkb[0])
 
+    def physinfo(self) -> dict[str, bool]:
+        """What the hardware and hypervisor offer: HVM, PV, HAP."""
+        ffi, lib = self._ffi, self._lib
+        info = ffi.new("libxl_physinfo *")
+        lib.libxl_physinfo_init(info)
+        try:
+            rc = self._call("libxl_get_physinfo", lib.libxl_get_physinfo, self._ctx, info)
+            self._check("libxl_get_physinfo", rc)
+            return {"hvm": bool(info.cap_hvm), "pv": bool(info.cap_pv), "hap": bool(info.cap_hap)}
+        finally:
+            lib.libxl_physinfo_dispose(info)
+
+    def have_vm_fork(self) -> bool:
+        return bool(self._lib.dispoold_have_vm_fork())
+
     # -- operations -----------------------------------------------------------------
 
     def pause(self, domid: int) -> None:
