@@ -1,10 +1,11 @@
 """The Xen backend: disposables as Xen domains, through libxl and xenstore.
 
 Threads. Every libxl and xenstore request runs in a worker thread, never on the event
-loop. Builds and destroys (seconds) have their own pool, so that the quick operations
-(pause, unpause, domain info, memory: milliseconds) never queue behind them; with
-``control_context = "separate"`` (the default) the quick operations also use a libxl
-context of their own, because libxl holds a context's lock while it builds a domain.
+loop. Builds, saves and restores (seconds) have their own pool, destroys another, so
+that neither the quick operations (pause, unpause, domain info, memory: milliseconds)
+nor a release queue behind a build; with ``control_context = "separate"`` (the
+default) the quick operations and the destroys also use a libxl context each, because
+libxl holds a context's lock while it builds a domain.
 Per domain, one asyncio lock serializes pause, unpause and the foreign-unpause check,
 and the paused check and the unpause run as one call in one thread.
 
@@ -168,10 +169,12 @@ class XenBackend:
         self._ffi, self._lib = bindings.load()
         self._xl_build: Libxl | None = None
         self._xl_ctl: Libxl | None = None
+        self._xl_teardown: Libxl | None = None
         self._xs: XenStore | None = None
         self._xs_watch: XenStore | None = None
         self._quick: ThreadPoolExecutor | None = None
         self._slow: ThreadPoolExecutor | None = None
+        self._destroys: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._xen: connection.XenConnection | None = None
         self._attached = False
@@ -190,6 +193,7 @@ class XenBackend:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._quick = ThreadPoolExecutor(4, thread_name_prefix="dispoold-xen")
+        self._destroys = ThreadPoolExecutor(2, thread_name_prefix="dispoold-xen-destroy")
         self._slow = ThreadPoolExecutor(
             self.options.build_threads, thread_name_prefix="dispoold-xen-build"
         )
@@ -237,12 +241,12 @@ class XenBackend:
             self._attached = False
         # Builds in flight finish first. The connection itself stays open for the next
         # backend of this process (see dispoold.xen.connection).
-        for executor in (self._slow, self._quick):
+        for executor in (self._slow, self._destroys, self._quick):
             if executor is not None:
                 await asyncio.to_thread(executor.shutdown, True)
-        self._slow = self._quick = None
+        self._slow = self._destroys = self._quick = None
         self._xen = None
-        self._xl_build = self._xl_ctl = None
+        self._xl_build = self._xl_ctl = self._xl_teardown = None
         self._xs = self._xs_watch = None
 
     def _open_sync(self) -> None:
@@ -251,7 +255,9 @@ class XenBackend:
         )
         self._xen = xen
         self._xl_build = xen.build
-        self._xl_ctl = xen.control() if self.options.control_context == "separate" else xen.build
+        separate = self.options.control_context == "separate"
+        self._xl_ctl = xen.control() if separate else xen.build
+        self._xl_teardown = xen.teardown() if separate else xen.build
         self._xs = xen.xs
         self._xs_watch = xen.xs_watch
 
@@ -537,7 +543,7 @@ class XenBackend:
         self._forget(name)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self._need(self._slow), self._destroy_sync, domid, uuid
+                self._need(self._destroys), self._destroy_sync, domid, uuid
             )
         except LibxlError as exc:
             if domain is not None:
@@ -549,7 +555,7 @@ class XenBackend:
         if self._info_sync(domid, uuid) is None:
             return
         with self._need(self._xen).busy():
-            self._need(self._xl_build).destroy(domid)
+            self._need(self._xl_teardown).destroy(domid)
 
     async def save(self, name: str, path: Path) -> None:
         domain = await self._resolve("save", name)

@@ -56,6 +56,7 @@ class XenConnection:
             self.build.close()
             raise
         self._control: Libxl | None = None
+        self._teardown: Libxl | None = None
         self._busy = 0
         self._wake = threading.Event()
         if self._mainloop:
@@ -69,10 +70,22 @@ class XenConnection:
         """The second context, for quick operations (opened on first use)."""
         with _lock:
             if self._control is None:
-                control = Libxl(self._ffi, self._lib)
-                control.open(self._log_level, mainloop=self._mainloop)
-                self._control = control
+                self._control = self._open_context()
             return self._control
+
+    def teardown(self) -> Libxl:
+        """The third context, for destroys (opened on first use): libxl holds a
+        context's lock while it builds a domain, and a release must never wait seconds
+        behind a refill's build (it did: 17-39 s in the lab with the build context)."""
+        with _lock:
+            if self._teardown is None:
+                self._teardown = self._open_context()
+            return self._teardown
+
+    def _open_context(self) -> Libxl:
+        context = Libxl(self._ffi, self._lib)
+        context.open(self._log_level, mainloop=self._mainloop)
+        return context
 
     # -- children (see "SIGCHLD" in dispoold.xen.libxl) ------------------------------
 
@@ -92,7 +105,7 @@ class XenConnection:
         while True:
             self._wake.wait(REAP_INTERVAL if self._busy else IDLE_REAP_INTERVAL)
             self._wake.clear()
-            for xl in (self.build, self._control):
+            for xl in (self.build, self._control, self._teardown):
                 if xl is not None:
                     try:
                         xl.sigchld_occurred()

@@ -44,13 +44,14 @@ class XenBackendOptions(BaseModel):
     qrexec_command: tuple[str, ...] = Field(DEFAULT_QREXEC_COMMAND, min_length=1)
     #: libxl's own messages at this level and above go to stderr (the journal).
     libxl_log_level: Literal["debug", "info", "warning", "error", "none"] = "warning"
-    #: ``separate``: a second libxl context for the quick operations (pause, unpause,
-    #: domain info, memory), so that they never queue behind a domain build holding
-    #: the first context's lock for seconds. ``shared``: one context for everything.
+    #: ``separate``: a libxl context for the quick operations (pause, unpause, domain
+    #: info, memory) and one for destroys, so that neither queues behind a domain build
+    #: holding the first context's lock for seconds. ``shared``: one for everything.
     control_context: Literal["shared", "separate"] = "separate"
     #: How libxl learns that its children exited (see dispoold/xen/libxl.py, "SIGCHLD").
     sigchld: Literal["mainloop", "selective_reap"] = "mainloop"
-    #: Threads for domain builds and destroys (quick operations have their own).
+    #: Threads for domain builds, saves and restores (destroys and quick operations
+    #: have their own).
     build_threads: Annotated[int, Field(ge=1, le=64)] = 4
 
 
