@@ -19,13 +19,39 @@ again (another preload), and when the origin is the last resort, it fails.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from dispoold.config import Config
 from dispoold.views import OriginName
 
 if TYPE_CHECKING:
     from dispoold.books import Disposable
+    from dispoold.origins.restore import Keeper
+
+
+class Workshop(Protocol):
+    """What the origins use of the engine (:class:`dispoold.pool.Pool` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def books(self) -> Iterable[Disposable]: ...
+
+    @property
+    def keeper(self) -> Keeper: ...
+
+    def is_current(self, d: Disposable) -> bool:
+        """``d`` was made from its template as it is now."""
+
+    def fingerprint_of(self, template: str) -> str | None: ...
+
+    def take(self, d: Disposable) -> None:
+        """A request takes ``d`` from the pool; no await."""
+
+    def start_for_request(self, template: str, origin: OriginName) -> Disposable:
+        """A new disposable, requested before it exists, with its bring-up started."""
 
 
 class Origin(Protocol):

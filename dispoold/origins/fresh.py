@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from dispoold.origins import Workshop
 from dispoold.views import OriginName
 
 if TYPE_CHECKING:
     from dispoold.books import Disposable
-    from dispoold.pool import Pool
 
 
 class FreshStart:
@@ -17,7 +17,7 @@ class FreshStart:
     last_resort = True
     repeat = False
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Workshop) -> None:
         self._pool = pool
 
     def claim(self, templates: Sequence[str]) -> Disposable:

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from dispoold.lifecycle import Stage
+from dispoold.origins import Workshop
 from dispoold.views import OriginName
 
 if TYPE_CHECKING:
     from dispoold.books import Disposable
-    from dispoold.pool import Pool
 
 #: A request waits this many startup timeouts, at most, for a preload it took while it
 #: was still booting; then it gives up on it and asks again (as Qubes does).
@@ -25,7 +25,7 @@ class Preloads:
     #: A preload that could not be handed over: the request takes another.
     repeat = True
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Workshop) -> None:
         self._pool = pool
 
     def claim(self, templates: Sequence[str]) -> Disposable | None:

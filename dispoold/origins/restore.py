@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from dispoold.events import EventBus
 from dispoold.journal import Journal
+from dispoold.origins import Workshop
 from dispoold.savefile import (
     Description,
     Savefile,
@@ -32,7 +33,6 @@ from dispoold.views import OriginName
 
 if TYPE_CHECKING:
     from dispoold.books import Disposable
-    from dispoold.pool import Pool
 
 
 class Restores:
@@ -41,7 +41,7 @@ class Restores:
     #: One restore per request: if it fails, the request moves on to a fresh start.
     repeat = False
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Workshop) -> None:
         self._pool = pool
 
     def claim(self, templates: Sequence[str]) -> Disposable | None:
