@@ -120,9 +120,10 @@ class PoolMachine(RuleBasedStateMachine):
         #: (loop time, threshold before the change), this lifetime.
         self.threshold_changes: list[tuple[float, int]] = []
         #: Records a restart found being destroyed, with their domain shut down: the
-        #: engine leaves them so for good (a known bug, pinned by the strict xfail
-        #: test_pool_bugs.py::test_a_kill_during_the_destroy_of_a_dead_domain_is_finished_
-        #: at_the_next_start). Tolerated here, and only these, until it is fixed.
+        #: engine leaves them so for good, a known bug pinned by the strict xfail in
+        #: tests/test_pool_bugs.py,
+        #: test_a_kill_during_the_destroy_of_a_dead_domain_is_finished_at_the_next_start.
+        #: Tolerated here, and only these, until it is fixed.
         self.stuck_destroying: set[str] = set()
 
     # -- the Qubes rule, written out ------------------------------------------------
