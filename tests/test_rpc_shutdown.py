@@ -39,6 +39,7 @@ class SlowEngine:
         self.bus = EventBus()
         self.gate = asyncio.Event()
         self.asked: list[str] = []
+        self.running = asyncio.Event()
 
     async def request(
         self,
@@ -48,6 +49,7 @@ class SlowEngine:
         timeout: float | None = None,
     ) -> Handout:
         self.asked.append(target)
+        self.running.set()
         await self.gate.wait()
         return Handout(f"disp{len(self.asked)}")
 
@@ -111,7 +113,8 @@ async def test_a_request_that_gets_its_slot_after_shutdown_began_is_told_so_and_
         reader, writer = await asyncio.open_unix_connection(str(path))
         await send(writer, {"id": 1, "op": "request", "args": {"target": "@dispvm:first"}})
         await send(writer, {"id": 2, "op": "request", "args": {"target": "@dispvm:second"}})
-        await asyncio.sleep(0.2)  # the first runs; the second waits for the one slot
+        await asyncio.wait_for(engine.running.wait(), 5)  # the first runs...
+        await asyncio.sleep(0.2)  # ...and the second has been read: it waits for the slot
         assert engine.asked == ["@dispvm:first"]
         shutdown = asyncio.create_task(server.shutdown(5.0))
         await asyncio.sleep(0.2)
