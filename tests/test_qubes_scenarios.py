@@ -1,6 +1,6 @@
 """Qubes OS' own integration scenarios for preloaded disposables, against the engine.
 
-What each of Qubes' tests checks (qubes/tests/integ/dispvm.py in QubesOS/qubes-core-admin,
+What each of Qubes' integration tests checks (qubes-core-admin, the dispvm tests of
 TC_20_DispVMMixin: test_012, 015, 016, 018, 019, and the fix for Qubes #10928), stated
 again in this engine's terms: a feature ``preload-dispvm-max`` on a template is
 ``set_max(template, n)``, on dom0 ``set_max(None, n)``; deleting one is ``None``; the
