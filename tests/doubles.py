@@ -333,7 +333,9 @@ class FakeBackend:
     """An in-memory hypervisor. Domain state survives a daemon "restart" as long as the
     same instance (or one made with :meth:`on_same_host`) is handed to the new engine."""
 
-    def __init__(self, options: dict[str, Any] | None = None, *, host: FakeHost | None = None):
+    def __init__(
+        self, options: dict[str, Any] | None = None, *, host: FakeHost | None = None
+    ) -> None:
         if host is None:
             parsed = FakeBackendOptions.model_validate(options or {})
             host = FakeHost(parsed, Steps(parsed.delays))
