@@ -202,6 +202,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.loop is not None
         self._run(_cancel_all())
         self._run(self.loop.shutdown_asyncgens())
+        self._run(_cancel_all())
         self.loop.close()
 
     def teardown(self) -> None:
