@@ -17,7 +17,7 @@ from typing import Any
 from dispoold.books import Disposable
 from dispoold.config import Config, MemorySettings
 from dispoold.events import EventBus, PoolEvent
-from dispoold.journal import Journal
+from dispoold.journal import Journal, Record
 from dispoold.lifecycle import HANDED_OUT, POOL, Stage
 from dispoold.pool import Pool
 from dispoold.storage import Storage
@@ -132,6 +132,18 @@ class Harness:
         await self.pool.stop(drain)
         self.check_healthy()
         await self.backend.close()
+        if self.journal is not None:
+            self.journal.close()
+
+    def records_on_disk(self) -> list[Record]:
+        """The journal as the next start would read it (as a new process opens it)."""
+        journal = Journal(self.tmp_path / "journal.sqlite", log=LOG, now=self.wall)
+        try:
+            return journal.records()
+        finally:
+            journal.close()
+
+    def close_journal(self) -> None:
         if self.journal is not None:
             self.journal.close()
 

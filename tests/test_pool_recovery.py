@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from dispoold.lifecycle import Stage
 from tests.doubles import FakeBackend
@@ -227,3 +230,68 @@ def test_freed_dispids_stay_unused_for_seven_days_across_restarts(tmp_path: Path
         await second.stop()
 
     run(second_life())
+
+
+# -- killed inside an operation (the doubles hold it at one of its steps) -------------------
+
+#: Tasks of killed lifetimes, frozen where they stood (as tests/virtual_time.py keeps loops).
+_FROZEN: list[asyncio.Task[Any]] = []
+
+
+def _killed_at(tmp_path: Path, step: str, prepare: str) -> tuple[Harness, str]:
+    """Start a daemon, bring it to ``prepare``, kill it with an operation of ``step`` under
+    way; return the next lifetime and the disposable the operation was about."""
+    first = Harness(tmp_path, make_config(max=1, refill_delay=3600))
+    state: dict[str, str] = {}
+    # The caller's task, frozen by the kill, kept from the garbage collector.
+    frozen: list[asyncio.Task[Any]] = []
+
+    async def killed() -> None:
+        await first.start()
+        await settle()
+        if prepare == "shrink":
+            first.backend.steps.delays["memory.shrink"] = 100
+            await first.pool.refresh("dvm")
+            await settle(5)
+            [state["name"]] = first.names(Stage.SHRINKING, template="dvm")
+            return
+        hold = first.backend.steps.hold(step)
+        if prepare == "hand-out":
+            frozen.append(asyncio.create_task(first.pool.request("@dispvm")))
+            state["name"] = await hold.reached
+        else:  # release
+            handout = await first.pool.request("@dispvm")
+            frozen.append(asyncio.create_task(first.pool.release(handout.name)))
+            state["name"] = await hold.reached
+
+    run(killed(), crash=True)
+    assert not any(task.done() for task in frozen)
+    _FROZEN.extend(frozen)
+    return first.next_lifetime(), state["name"]
+
+
+@pytest.mark.parametrize(
+    ("step", "prepare", "stage"),
+    [
+        ("memory.shrink", "shrink", Stage.SHRINKING),
+        ("unpause", "hand-out", Stage.REQUESTED),  # its caller never heard of it
+        ("destroy", "release", Stage.DESTROYING),
+    ],
+)
+def test_a_daemon_killed_inside_an_operation_finishes_or_undoes_it_at_the_next_start(
+    tmp_path: Path, step: str, prepare: str, stage: Stage
+) -> None:
+    second, name = _killed_at(tmp_path, step, prepare)
+    [record] = [r for r in second.records_on_disk() if r.name == name]
+    assert record.stage is stage and name in second.backend.domains
+
+    async def after_the_restart() -> None:
+        second.backend.steps.delays.clear()
+        await second.start()
+        await settle()
+        assert name not in second.backend.domains and name not in second.books
+        second.check_books()
+        assert sorted(second.backend.domains) == second.names(PAUSED)
+        await second.stop()
+
+    run(after_the_restart())
