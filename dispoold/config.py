@@ -99,6 +99,8 @@ class PoolSettings(_Table):
     #: Seconds between a hand-out and the refill it triggers (Qubes #10230). Negative: no
     #: refill while the template still has preloads.
     refill_delay: float = 3.0
+    #: Preloads starting at once; while several templates want preloads, one template
+    #: never holds the last slot (see :class:`dispoold.limits.StartSlots`).
     max_concurrent_starts: int = Field(2, ge=1, le=64)
     #: How long a guest may take to report readiness.
     startup_timeout: float = Field(60.0, gt=0)

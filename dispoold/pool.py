@@ -60,7 +60,7 @@ from dispoold.errors import (
 from dispoold.events import EventBus
 from dispoold.journal import Journal
 from dispoold.lifecycle import HANDED_OUT, POOL, Event, Stage
-from dispoold.limits import Limits
+from dispoold.limits import Limits, StartSlots
 from dispoold.memory import MemoryManager, MemoryManagerError
 from dispoold.memory import NoMemory as HostOutOfMemory
 from dispoold.origins import Origin
@@ -180,7 +180,7 @@ class Pool:
             Store(config.savefile.directory), self._storage, journal, bus, log.getChild("savefile")
         )
         self.keeper.configure(self._savefile_templates(config))
-        self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
+        self._start_slots = StartSlots(config.pool.max_concurrent_starts, self._templates_wanting)
         self._fill_lock = asyncio.Lock()
         self._pending_mib = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -409,6 +409,9 @@ class Pool:
     def threshold_mib(self) -> int:
         return self.limits.threshold_mib()
 
+    def _templates_wanting(self) -> int:
+        return sum(1 for name in self._queues if self.effective_max(name) > 0)
+
     def _schedule_fill(self, queue: Queue, delay: float = 0.0) -> None:
         """Fill ``queue`` in ``delay`` seconds, unless a fill is due sooner anyway."""
         if self._stopping:
@@ -585,7 +588,11 @@ class Pool:
         """Run ``steps`` with a checkpoint after each, then act on the outcome: ``d`` is
         ready (paused in the pool, or running for the request that took it), or it is
         destroyed, or left to whoever unpaused it."""
-        slot = self._start_slots if d.origin == "preload" else contextlib.nullcontext()
+        slot = (
+            self._start_slots.taken(d.template)
+            if d.origin == "preload"
+            else contextlib.nullcontext()
+        )
         failure: BaseException | None = None
         outcome = Outcome.GO
         try:
@@ -1072,6 +1079,7 @@ class Pool:
         self.limits.set_max(template, value)
         if affected is not None and (queue := self._queues.get(affected)) is not None:
             self._schedule_fill(queue)
+        await self._start_slots.wake()  # how many templates want preloads may have changed
 
     async def set_threshold(self, mib: int | None) -> None:
         """Set (or drop) the run-time override of the free-memory threshold."""
@@ -1128,7 +1136,9 @@ class Pool:
         self.config = config
         self.limits.reconfigure(config)
         if config.pool.max_concurrent_starts != old.pool.max_concurrent_starts:
-            self._start_slots = asyncio.Semaphore(config.pool.max_concurrent_starts)
+            self._start_slots = StartSlots(
+                config.pool.max_concurrent_starts, self._templates_wanting
+            )
         for name in old.templates.keys() - config.templates.keys():
             queue = self._queues.pop(name)
             self._cancel_timer(queue)

@@ -24,7 +24,9 @@ PAUSED = Stage.PAUSED
 def test_a_killed_daemon_readopts_paused_preloads_and_destroys_half_started_ones(
     tmp_path: Path,
 ) -> None:
-    first = Harness(tmp_path, make_config(max=3, refill_delay=0))
+    # Three start slots, so that both refills of dvm boot at once (with two templates
+    # wanting preloads, one slot stays free for the other).
+    first = Harness(tmp_path, make_config(max=3, refill_delay=0, max_concurrent_starts=3))
     state: dict[str, list[str]] = {}
 
     async def before_the_kill() -> None:

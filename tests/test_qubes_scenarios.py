@@ -250,7 +250,10 @@ def test_020_preloads_outdated_by_a_refresh_or_a_new_definition_are_never_handed
 
 def test_021_preloads_outdated_while_still_starting_are_discarded_too(tmp_path: Path) -> None:
     async def scenario() -> None:
-        h = Harness(tmp_path, make_config(max=2), backend=FakeBackend({"ready_delay": 30}))
+        # Three start slots: with two templates wanting preloads, one keeps a slot free
+        # for the other, and both of these may boot at once.
+        config = make_config(max=2, max_concurrent_starts=3)
+        h = Harness(tmp_path, config, backend=FakeBackend({"ready_delay": 30}))
         await h.start()
         await settle(5)
         booting = set(h.names(Stage.STARTUP, template="dvm"))
