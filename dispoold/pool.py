@@ -123,6 +123,8 @@ class Queue:
     settings: TemplateSettings
     #: The fingerprint of the template now; preloads with another one are outdated.
     fingerprint: str
+    #: Its files' state when ``fingerprint`` was taken (compared at every request).
+    files: tuple[str, ...] = ()
     #: False right after the template's files changed: wait until they stop changing.
     settled: bool = True
     #: Preloads wanted but not started for lack of memory (the availability gap).
@@ -167,7 +169,12 @@ class Pool:
         self.books = Books(journal, now)
         self.limits = Limits(config, journal)
         self._queues = {
-            name: Queue(name, settings, settings.fingerprint(self._storage.identify))
+            name: Queue(
+                name,
+                settings,
+                settings.fingerprint(self._storage.identify),
+                settings.file_states(),
+            )
             for name, settings in config.templates.items()
         }
         #: MiB used by each volume, as last measured (status shows them per template).
@@ -1042,10 +1049,11 @@ class Pool:
         while True:
             await asyncio.sleep(self.config.pool.refresh_check_interval)
             for queue in list(self._queues.values()):
+                files = await asyncio.to_thread(queue.settings.file_states)
                 fingerprint = await asyncio.to_thread(
                     queue.settings.fingerprint, self._storage.identify
                 )
-                self._fingerprint_seen(queue, fingerprint)
+                self._fingerprint_seen(queue, fingerprint, files)
             await self._measure_volumes()
 
     async def _measure_volumes(self) -> None:
@@ -1053,9 +1061,19 @@ class Pool:
         if volumes:
             self._volume_usage = await self._storage.usage(volumes)
 
-    def _fingerprint_seen(self, queue: Queue, fingerprint: str) -> None:
+    def notice_changes(self, templates: Sequence[str]) -> None:
+        """Before a request takes a preload: have the templates' files changed since the
+        last look? (Qubes checks at request time; the full fingerprint, volumes
+        included, is taken every ``refresh_check_interval``.) A stat per file."""
+        for name in templates:
+            queue = self._queues.get(name)
+            if queue is not None and queue.settings.file_states() != queue.files:
+                self._fingerprint_seen(queue, "changed since the last look", queue.files)
+
+    def _fingerprint_seen(self, queue: Queue, fingerprint: str, files: tuple[str, ...]) -> None:
         if self._queues.get(queue.name) is not queue:
             return
+        queue.files = files
         if fingerprint != queue.fingerprint:
             queue.fingerprint = fingerprint
             queue.settled = False
@@ -1146,12 +1164,14 @@ class Pool:
                 self._end(d, Event.DISCARD, "template removed from the configuration")
         for name, settings in config.templates.items():
             fingerprint = await asyncio.to_thread(settings.fingerprint, self._storage.identify)
+            files = await asyncio.to_thread(settings.file_states)
             current = self._queues.get(name)
             if current is None:
-                self._queues[name] = Queue(name, settings, fingerprint)
+                self._queues[name] = Queue(name, settings, fingerprint, files)
             elif settings != current.settings or fingerprint != current.fingerprint:
                 current.settings = settings
                 current.fingerprint = fingerprint
+                current.files = files
                 self._refresh(current, "template definition changed")
         for gone in self.keeper.configure(self._savefile_templates(config)):
             self._spawn(self._drop_savefile(gone.template), f"drop savefile {gone.template}")

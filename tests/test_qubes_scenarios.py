@@ -269,11 +269,6 @@ def test_021_preloads_outdated_while_still_starting_are_discarded_too(tmp_path: 
     run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine gap: a template's files are looked at every refresh_check_interval, not "
-    "at request time as Qubes does, so a preload outdated since the last look is handed out",
-)
 def test_019_a_preload_outdated_since_the_last_look_is_not_handed_out(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"v1")

@@ -47,6 +47,9 @@ class Workshop(Protocol):
 
     def fingerprint_of(self, template: str) -> str | None: ...
 
+    def notice_changes(self, templates: Sequence[str]) -> None:
+        """Outdate at once the preloads of templates whose files changed (no await)."""
+
     def take(self, d: Disposable) -> None:
         """A request takes ``d`` from the pool; no await."""
 

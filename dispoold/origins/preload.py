@@ -31,6 +31,7 @@ class Preloads:
     def claim(self, templates: Sequence[str]) -> Disposable | None:
         """The best usable preload of ``templates``: paused ones first, the longest
         ready first; never an outdated one (the refresh replaces it)."""
+        self._pool.notice_changes(templates)
         best: Disposable | None = None
         for d in self._pool.books:
             if d.template not in templates or d.stage not in TAKE_ORDER or d.origin == "prepare":
