@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,20 @@ def test_zero_rate_still_gives_up_on_no_movement() -> None:
     lazy = QUBES.model_copy(update={"check_mib_s": 0})
     assert feed(Progress(lazy, 0.0), [1000.0] * 40) == 30
     assert feed(Progress(lazy, 0.0), [1000.0 - i for i in range(40)]) is None
+
+
+def sample_defaults(table: str) -> dict[str, object]:
+    """The defaults etc/dispoold.toml shows (commented out) in ``[table]``."""
+    sample = (Path(__file__).parent.parent / "etc" / "dispoold.toml").read_text()
+    section = sample.split(f"\n[{table}]\n", 1)[1].split("\n[", 1)[0]
+    shown = "\n".join(line[1:] for line in section.splitlines() if re.match(r"^#[a-z_]+ = ", line))
+    return tomllib.loads(shown)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: the sample showed a threshold of 1024")
+def test_the_sample_shows_the_defaults_the_code_has() -> None:
+    for name, value in sample_defaults("memory").items():
+        default = MemorySettings.model_fields[name].default
+        assert value == (str(default) if isinstance(default, Path) else default), name
+    # Qubes' preload-dispvm-threshold defaults to 0, and so does dispoold's.
+    assert sample_defaults("pool")["threshold_mib"] == 0
