@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ QMEMMAN_MEMINFO = "memory/meminfo"
 #: Where the lab guest (and dispoold's default meminfo_key) reports it.
 DATA_MEMINFO = "data/meminfo"
 
-BuildHook = Callable[[str, int], Awaitable[None]]
+BuildHook = Callable[[str, int], Coroutine[Any, Any, None]]
 
 
 def write_avail(path: Path, content: str) -> None:

@@ -18,12 +18,14 @@ import pytest_asyncio
 from dispoold.backend import Marker
 from dispoold.config import MemorySettings, TemplateSettings
 from dispoold.memory import MemoryManager, MemoryManagerError, NoMemory, QmemmanClient
+from dispoold.memory.port import PreloadMemory
 from tests.memory_doubles import (
     HANG_UP,
     MIB,
     NO_ANSWER,
     BalloonBackend,
     QmemmanStandIn,
+    Rules,
     standin,
     write_avail,
 )
@@ -34,8 +36,6 @@ MEMORY = 1000
 PREFERRED = 325
 #: qmemman's 0.1 s poll, 1 s window and 3 s check period, shrunk as in the stand-in.
 FAST = {"check_period": 0.3, "check_window": 0.1, "poll_interval": 0.01}
-#: Marks a test of behaviour issue 14 found missing: it failed on the client as it was.
-ISSUE_14 = pytest.mark.xfail(strict=True, reason="issue 14: not yet fixed in the client")
 
 
 @pytest.fixture
@@ -156,7 +156,9 @@ async def until(condition: Callable[[], object], timeout: float = 2.0) -> None:
 
 
 def test_client_implements_the_protocol(settings: MemorySettings) -> None:
-    assert isinstance(QmemmanClient(settings, BalloonBackend()), MemoryManager)
+    client = QmemmanClient(settings, BalloonBackend())
+    assert isinstance(client, MemoryManager)
+    assert isinstance(client, PreloadMemory)
 
 
 # -- the stand-in itself ---------------------------------------------------------------------
@@ -222,7 +224,6 @@ async def test_available_memory_file_missing_or_garbled(
             await client.available_mib()
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_stale_available_memory_file_is_not_trusted(
     client: QmemmanClient, qmemman: QmemmanStandIn, settings: MemorySettings
@@ -254,7 +255,6 @@ async def test_available_memory_can_be_read_inside_an_allocation(
 # -- allocation ------------------------------------------------------------------------------
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_allocation_asks_for_what_qubesd_asks_for(
     client: QmemmanClient, qmemman: QmemmanStandIn
@@ -280,7 +280,6 @@ async def test_allocation_holds_qmemman_until_the_domain_exists(
     assert client.status()["qmemman_reachable"] is True
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_allocation_ends_once_the_domain_exists_before_its_unpause(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -294,7 +293,6 @@ async def test_allocation_ends_once_the_domain_exists_before_its_unpause(
     assert held is not None and held < 0.2  # released when the domain existed
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_allocation_creates_the_meminfo_keys_owned_by_the_domain(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -364,7 +362,6 @@ async def test_dead_qmemman_is_a_clear_error(
             pass
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_busy_qmemman_is_not_a_dead_one(
     client: QmemmanClient, qmemman: QmemmanStandIn, peers: Peers
@@ -397,12 +394,12 @@ async def test_no_answer_times_out_and_frees_everything(
         async with client.allocation("disp9", 400):
             pass
     assert 0.5 <= loop.time() - began < 1.0
+    assert not client._allocation_lock.locked()  # the next creation may go on
 
 
 # -- shrink ----------------------------------------------------------------------------------
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_shrink_brings_the_preload_to_qmemmans_preferred_size(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -416,7 +413,6 @@ async def test_a_shrink_brings_the_preload_to_qmemmans_preferred_size(
     assert backend.targets[-1] == ("disp1", PREFERRED)
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_ok_without_ballooning_is_a_skipped_shrink_not_a_converged_one(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -431,7 +427,6 @@ async def test_ok_without_ballooning_is_a_skipped_shrink_not_a_converged_one(
     assert len(qmemman.requests) >= 3  # it was tried again, a little later
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_shrink_skipped_because_the_watcher_lagged_is_retried(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -445,7 +440,6 @@ async def test_a_shrink_skipped_because_the_watcher_lagged_is_retried(
     assert result.converged and result.target_mib == PREFERRED
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_the_shrink_holds_qmemman_until_the_pause_has_returned(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -464,7 +458,6 @@ async def test_the_shrink_holds_qmemman_until_the_pause_has_returned(
     assert backend.domains["disp1"].memory_mib <= result.target_mib * 1.1
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_paused_preloads_target_raised_behind_our_back_is_reported(
     client: QmemmanClient,
@@ -487,7 +480,6 @@ async def test_a_paused_preloads_target_raised_behind_our_back_is_reported(
     assert any("11121" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_qmemman_with_the_fix_leaves_paused_preloads_alone(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -504,7 +496,6 @@ async def test_a_qmemman_with_the_fix_leaves_paused_preloads_alone(
     assert backend.xen_targets["disp1"] == result.target_mib
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_busy_qmemman_makes_a_shrink_skipped_not_failed(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend, peers: Peers
@@ -611,7 +602,6 @@ async def test_eight_concurrent_callers_go_one_at_a_time(
     assert len(done) == 6
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_a_cancelled_shrink_keeps_its_request_until_qmemman_is_done(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -659,7 +649,6 @@ async def test_cancelled_wait_for_the_lock_sends_nothing(
     assert len(qmemman.requests) == sent
 
 
-@ISSUE_14
 @pytest.mark.asyncio
 async def test_no_shrink_is_sent_for_a_domain_handed_out_since(
     client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
@@ -698,3 +687,161 @@ async def test_a_handed_out_disposable_gets_memory_back_from_qmemman(
     client.include("disp1")
     await create(client, backend, "disp2")  # qmemman balances: plenty of free memory
     await until(lambda: backend.domains["disp1"].target_mib > result.target_mib)
+
+
+# -- qmemman's own settings govern --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_qmemmans_settings_govern_and_status_shows_them(
+    rundir: Path, settings: MemorySettings, backend: BalloonBackend
+) -> None:
+    conf = rundir / "qmemman.conf"
+    conf.write_text("[global]\nvm-min-mem = 400M\ncache-margin-factor = 1.3\n")
+    settings = settings.model_copy(
+        update={"qmemman_config": conf, "preferred_floor_mib": 200, "qmemman_retries": 0}
+    )
+    guests_can_report(backend)
+    rules = Rules.parse(conf.read_text())
+    async with standin(settings.qmemman_socket, backend, rules=rules) as qmemman:
+        client = QmemmanClient(settings, backend)
+        await client.open()
+        try:
+            await create(client, backend, "disp1")
+            await until(lambda: reported(qmemman, 1))
+            result = await client.shrink("disp1")
+            # 400M is decimal: 381.5 MiB, not dispoold's 200 MiB floor, nor 400 MiB.
+            assert (result.target_mib, result.converged) == (381, True)
+            assert "vm-min-mem 381.5 MiB" in client.status()["qmemman_rules"]
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_qmemman_config_is_a_clear_error(
+    rundir: Path, settings: MemorySettings, backend: BalloonBackend
+) -> None:
+    conf = rundir / "qmemman.conf"
+    conf.write_text("[global]\nvm-min-mem = plenty\n")
+    client = QmemmanClient(settings.model_copy(update={"qmemman_config": conf}), backend)
+    with pytest.raises(MemoryManagerError, match=r"qmemman.conf: vm-min-mem: 'plenty'"):
+        await client.open()
+
+
+@pytest.mark.asyncio
+async def test_a_start_is_sized_by_the_template_as_qubesd_sizes_it(
+    client: QmemmanClient, qmemman: QmemmanStandIn
+) -> None:
+    template = TemplateSettings(memory=400, maxmem=4000, vcpus=2, options={"type": "pvh"})
+    async with client.allocation("disp9", 400, template):
+        pass
+    shadow = 4000 * 8 * 1024  # 8 KiB per MiB of maxmem for a guest that is not PV
+    assert qmemman.requests[-1].line == str(400 * MIB + 4 * MIB + 2 * 3 * MIB // 2 + shadow)
+
+
+# -- what the engine is told, and may be asked to do ----------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_preload_paused_unshrunk_while_qmemman_was_down_is_named_once_it_is_back(
+    settings: MemorySettings, backend: BalloonBackend
+) -> None:
+    settings = settings.model_copy(update={"qmemman_check_interval": 0.05})
+    guests_can_report(backend)
+    qmemman = standin(settings.qmemman_socket, backend, settings.qmemman_avail_file)
+    await qmemman.start()
+    client = QmemmanClient(settings, backend)
+    await client.open()
+    try:
+        await create(client, backend, "disp1")
+        await qmemman.stop()  # qmemman dies while disp1 boots
+        with pytest.raises(MemoryManagerError, match="qmemman is not running"):
+            await client.shrink("disp1")
+        await backend.pause("disp1")
+        client.exclude("disp1")  # the engine pauses it anyway
+        assert client.status()["paused_unshrunk"] == ["disp1"]
+        assert client.shrink_wanted() == []  # nothing to be done while qmemman is down
+        wanted = asyncio.create_task(client.wait_shrink_wanted())
+        await asyncio.sleep(0.2)
+        assert not wanted.done()
+        await qmemman.start()
+        assert await asyncio.wait_for(wanted, 2) == ["disp1"]
+        # The engine unpauses it, shrinks it, pauses it again.
+        await backend.unpause("disp1")
+        await until(lambda: reported(qmemman, 1))
+        result = await client.shrink("disp1")
+        await backend.pause("disp1")
+        client.exclude("disp1")
+        assert result.converged and result.target_mib == PREFERRED
+        assert client.shrink_wanted() == [] and client.status()["paused_unshrunk"] == []
+    finally:
+        await client.close()
+        await qmemman.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_skipped_shrink_leaves_a_paused_preload_to_be_shrunk_later(
+    client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
+) -> None:
+    await create(client, backend, "disp1")
+    backend.domains["disp1"].used_mib = None  # type: ignore[assignment]  # no report yet
+    result = await client.shrink("disp1")
+    assert result.skipped and not result.converged
+    await backend.pause("disp1")
+    client.exclude("disp1")
+    assert client.shrink_wanted() == ["disp1"]
+    client.include("disp1")  # handed out instead: never shrunk again
+    assert client.shrink_wanted() == []
+
+
+@pytest.mark.asyncio
+async def test_the_hold_after_a_shrink_ends_on_its_own_if_nobody_says_paused(
+    settings: MemorySettings, backend: BalloonBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings.model_copy(update={"qmemman_hold_timeout": 0.3})
+    guests_can_report(backend)
+    async with standin(settings.qmemman_socket, backend) as qmemman:
+        client = QmemmanClient(settings, backend)
+        await client.open()
+        try:
+            await create(client, backend, "disp1")
+            await until(lambda: reported(qmemman, 1))
+            await client.shrink("disp1")
+            assert qmemman.lock.locked()
+            await until(lambda: not qmemman.lock.locked(), timeout=1)
+            assert any("without a word" in r.getMessage() for r in caplog.records)
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_qmemman_that_never_answers_is_taken_for_hung(
+    settings: MemorySettings, backend: BalloonBackend
+) -> None:
+    settings = settings.model_copy(update={"qmemman_busy_limit": 0.5})
+    async with standin(settings.qmemman_socket, backend) as qmemman:
+        client = QmemmanClient(settings, backend)
+        await client.open()
+        try:
+            qmemman.answers["free"] = NO_ANSWER
+            with pytest.raises(NoMemory, match="busy"):
+                async with client.allocation("disp9", 400):
+                    pass
+            assert client.status()["qmemman_state"] == "busy"
+            await until(lambda: client.status()["qmemman_state"] == "dead", timeout=2)
+            assert "hung" in str(client._state_why)
+            assert qmemman.max_open == 1
+        finally:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_disposable_found_at_a_restart_can_be_included(
+    client: QmemmanClient, qmemman: QmemmanStandIn, backend: BalloonBackend
+) -> None:
+    await foreign(backend, "disp1")
+    client.include("disp1")  # re-adopted, handed out before the restart
+    client.exclude("disp2")  # re-adopted, paused: its target is the baseline
+    await asyncio.sleep(0.1)
+    assert client.status()["domains"]["included"] == 1
+    assert qmemman.requests == []

@@ -10,10 +10,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from dispoold.backend import Backend, BackendError, MemoryInfo, NoSuchDomain
-from dispoold.config import MemorySettings
+from dispoold.config import MemorySettings, TemplateSettings
 from dispoold.memory.base import Domain, DomainState, ManagerBase, Vanished
 from dispoold.memory.port import MemoryManagerError, NoMemory, ShrinkResult
-from dispoold.memory.rules import DOMAIN_OVERHEAD_MIB, Progress, preferred_mib
+from dispoold.memory.rules import Progress, preferred_mib, start_overhead_mib
 
 log = logging.getLogger("dispoold.memory")
 
@@ -61,16 +61,20 @@ class Balancer(ManagerBase):
     async def available_mib(self) -> int:
         return await self._free_mib()
 
-    def allocation(self, name: str, mib: int) -> AbstractAsyncContextManager[None]:
-        return self._allocation(name, mib)
+    def allocation(
+        self, name: str, mib: int, template: TemplateSettings | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self._allocation(name, mib, template)
 
     @asynccontextmanager
-    async def _allocation(self, name: str, mib: int) -> AsyncIterator[None]:
-        need = mib + DOMAIN_OVERHEAD_MIB
+    async def _allocation(
+        self, name: str, mib: int, template: TemplateSettings | None
+    ) -> AsyncIterator[None]:
+        need = mib + start_overhead_mib(mib, template)
         async with self._lock:
             free = await self._free_mib()
             if free < need:
-                await self._reclaim(name, need, free)
+                await self._reclaim(name, mib, need, free)
             yield
             # The domain exists now (or creation failed and the engine forgets it).
             self._domain(name).initial_mib = mib
@@ -78,8 +82,8 @@ class Balancer(ManagerBase):
     async def shrink(self, name: str) -> ShrinkResult:
         start = asyncio.get_running_loop().time()
         with self._recording_failures(name):
+            domain = self._begin_shrink(name)
             info = await self._memory(name, "shrink")
-            domain = self._domain(name)
             if domain.initial_mib is None:
                 # Not allocated here (found at a restart): before its first shrink, a
                 # domain still has what it was created with.
@@ -147,11 +151,11 @@ class Balancer(ManagerBase):
         if previous is not None and not previous.done():
             await asyncio.wait({previous})
 
-    async def _reclaim(self, name: str, need: int, free: int) -> None:
+    async def _reclaim(self, name: str, mib: int, need: int, free: int) -> None:
         """Take memory back from handed-out disposables until ``need`` MiB are free, as
         qmemman's do_balloon does: each donor gives in proportion to what it holds above
         its preferred size, never below it. Raises :class:`NoMemory`."""
-        what = f"allocate {need - DOMAIN_OVERHEAD_MIB} MiB for {name}"
+        what = f"allocate {mib} MiB for {name}"
         donors: list[tuple[str, MemoryInfo, int]] = []
         spare_total = 0
         for donor, domain in list(self._domains.items()):
