@@ -55,7 +55,11 @@ import configparser
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -691,6 +695,62 @@ class XenHypervisor:
 # -- as a process (the lab) -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Running:
+    """A stand-in process: where it listens and publishes, and its settings file."""
+
+    socket: Path
+    avail_file: Path
+    config: Path
+
+
+@contextlib.asynccontextmanager
+async def process_over_xen(
+    config_text: str, *, fixed_11121: bool = False, logs: Path | None = None
+) -> AsyncIterator[Running]:
+    """Run the stand-in as a process over real Xen (in dom0) until the block ends."""
+    rundir = Path(tempfile.mkdtemp(prefix="qm", dir="/run"))
+    running = Running(rundir / "qmemman.sock", rundir / "qmemman-avail-mem", rundir / "q.conf")
+    running.config.write_text(config_text)
+    logs = logs or rundir
+    tag = "fixed" if fixed_11121 else "current"
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.qmemman_standin",
+        "--socket",
+        str(running.socket),
+        "--avail-file",
+        str(running.avail_file),
+        "--config",
+        str(running.config),
+        "--log",
+        str(logs / f"qmemman-standin-{tag}-events.log"),
+        *(["--fixed-11121"] if fixed_11121 else []),
+    ]
+    with (logs / f"qmemman-standin-{tag}.log").open("ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=output, stderr=asyncio.subprocess.STDOUT
+        )
+    try:
+        for _ in range(600):  # it publishes its figure once it serves
+            if running.avail_file.exists() or process.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        if process.returncode is not None or not running.socket.exists():
+            raise RuntimeError(f"the qmemman stand-in did not start (see {logs})")
+        yield running
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="qmemman stand-in over real Xen")
     parser.add_argument("--socket", type=Path, required=True)
@@ -698,13 +758,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="qmemman.conf ([global] vm-min-mem, ...)")
     parser.add_argument("--fixed-11121", action="store_true", help="leave paused domains out")
     parser.add_argument("--log", type=Path, help="append notable events here")
+    parser.add_argument("--watch-interval", type=float, default=Timing.watch)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="qmemman-standin: %(message)s")
     rules = Rules.parse(args.config.read_text()) if args.config else Rules()
 
     async def serve() -> None:
         standin = QmemmanStandIn(
-            args.socket, XenHypervisor(), args.avail_file, rules, fixed_11121=args.fixed_11121
+            args.socket,
+            XenHypervisor(),
+            args.avail_file,
+            rules,
+            Timing(watch=args.watch_interval),
+            fixed_11121=args.fixed_11121,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
