@@ -476,6 +476,9 @@ class QmemmanClient(ManagerBase):
                 await self._check_paused_targets()
             except MemoryManagerError as exc:
                 log.debug("memory watch: %s", exc)
+            except Exception:
+                # A watcher that died would stop seeing #11121 and qmemman's return.
+                log.exception("memory watch failed; it goes on")
             if self.shrink_wanted():
                 self._wanted_changed.set()
 
