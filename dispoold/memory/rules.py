@@ -23,8 +23,8 @@ from dispoold.config import MemorySettings, TemplateSettings
 MIB: Final = 1024 * 1024
 KIB: Final = 1024
 #: What Xen needs per domain on top of the guest's memory, as qubesd asks qmemman for it
-#: (qubes/vm/qubesvm.py, request_memory; OpenStack's measured overhead plus 1 MiB for
-#: rounding): 4 MiB, plus 1.5 MiB per vCPU...
+#: (Qubes core-admin, qubes/vm/qubesvm.py, request_memory: OpenStack's measured overhead
+#: plus 1 MiB for rounding): 4 MiB, plus 1.5 MiB per vCPU...
 MEM_OVERHEAD_BASE: Final = 4 * MIB
 MEM_OVERHEAD_PER_VCPU: Final = 3 * MIB // 2
 #: ...plus, for a guest that is not PV (PVH, HVM), the shadow memory libxl sizes from its
