@@ -1,15 +1,18 @@
 """Shrink before pause on real Xen: time from readiness to converged memory, and memory
-reclaimed per preload, with the convergence ratio at 1.1 and at 1.15.
+reclaimed per preload, under dispoold's own balancer (with the convergence ratio at 1.1
+and at 1.15) and under qmemman (the stand-in of tests/qmemman_standin.py as a process in
+dom0, the qmemman client talking to it), in the same boot.
 
 Runs in the Xen lab's dom0 (real balloon drivers):
 
     lab/labctl run -- /opt/dispoold/venv/bin/python bench/bench_memory.py
 
-For each ratio it creates ``--preloads`` guests one after the other (each inside the
-balancer's allocation, as the pool engine does), waits for readiness, then times
-``Balancer.shrink``: readiness -> converged (or given up). A guest is destroyed before
-the next one starts, so every shrink sees the same host. Prints one line per shrink and,
-last, one JSON line with the figures.
+For each configuration it creates ``--preloads`` guests one after the other (each inside
+the manager's allocation, as the pool engine does), waits for readiness (under qmemman:
+until the guest has reported to memory/meminfo), then times ``shrink``: readiness ->
+converged (or given up). A guest is destroyed before the next one starts, so every
+shrink sees the same host. Prints one line per shrink and, last, one JSON line with the
+figures.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Any
 
 from dispoold.backend import Backend, Marker, load_backend
 from dispoold.config import MemorySettings, TemplateSettings
-from dispoold.memory import Balancer
+from dispoold.memory import Balancer, MemoryManager, QmemmanClient
+from tests.qmemman_standin import process_over_xen
 
 GUEST = Path("/var/lib/dispoold-lab/guest")
 OWNER = "dispoold-bench-memory"
@@ -43,14 +47,31 @@ def template(memory: int) -> TemplateSettings:
     )
 
 
+async def reported(backend: Backend, name: str, timeout: float) -> None:
+    """Until the guest has written its use to memory/meminfo (what qmemman reads)."""
+    from tests.xen.xen_fixtures import xenstore
+
+    info = await backend.domain_info(name)
+    assert info is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if xenstore("read", f"/local/domain/{info.domid}/memory/meminfo").isdigit():
+            await asyncio.sleep(2)  # and qmemman's watcher has recorded it
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"{name} never reported to memory/meminfo")
+
+
 async def one(
-    backend: Backend, balancer: Balancer, dispid: int, memory: int, ready_timeout: float
+    backend: Backend, balancer: MemoryManager, dispid: int, memory: int, ready_timeout: float
 ) -> dict[str, Any]:
     name = f"disp{dispid}"
     try:
         async with balancer.allocation(name, memory):
             await backend.create(name, template(memory), Marker(OWNER, "bench", dispid))
         await backend.wait_ready(name, ready_timeout)
+        if isinstance(balancer, QmemmanClient):
+            await reported(backend, name, ready_timeout)
         before = await backend.memory(name)
         started = time.monotonic()
         trace: list[tuple[float, int]] = []
@@ -93,6 +114,7 @@ async def one(
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means and extremes of one series of shrinks."""
     seconds = [r["seconds"] for r in runs]
     reclaimed = [r["reclaimed_mib"] for r in runs]
     return {
@@ -118,8 +140,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "window_s": args.window,
         "free_mib_at_start": await backend.free_memory_mib(),
     }
+    dispid = 9000
+
+    async def series(manager: MemoryManager, label: str) -> None:
+        nonlocal dispid
+        await manager.open()
+        runs = []
+        try:
+            for _ in range(args.preloads):
+                dispid += 1
+                run = await one(backend, manager, dispid, args.memory, args.ready_timeout)
+                print(f"{label}: {json.dumps(run)}", flush=True)
+                runs.append(run)
+        finally:
+            await manager.close()
+        figures[label] = summary(runs)
+
     try:
-        dispid = 9000
         for ratio in args.ratios:
             settings = MemorySettings(
                 manager="balancer",
@@ -129,16 +166,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 check_mib_s=args.check_mib_s,
                 check_window=args.window,
             )
-            balancer = Balancer(settings, backend)
-            await balancer.open()
-            runs = []
-            for _ in range(args.preloads):
-                dispid += 1
-                run = await one(backend, balancer, dispid, args.memory, args.ready_timeout)
-                print(f"ratio {ratio}: {json.dumps(run)}", flush=True)
-                runs.append(run)
-            await balancer.close()
-            figures[f"ratio_{ratio}"] = summary(runs)
+            await series(Balancer(settings, backend), f"ratio_{ratio}")
+        if args.qmemman:
+            conf = f"[global]\nvm-min-mem = {args.qmemman_min_mem}\ncache-margin-factor = 1.3\n"
+            async with process_over_xen(conf, fixed_11121=True) as qmemman:
+                settings = MemorySettings(
+                    manager="qmemman",
+                    qmemman_socket=qmemman.socket,
+                    qmemman_avail_file=qmemman.avail_file,
+                    qmemman_config=qmemman.config,
+                    qmemman_answer_timeout=120.0,
+                    check_period=args.check_period,
+                    check_mib_s=args.check_mib_s,
+                    check_window=args.window,
+                )
+                figures["qmemman_vm_min_mem"] = args.qmemman_min_mem
+                await series(QmemmanClient(settings, backend), "qmemman")
     finally:
         await backend.close()
     return figures
@@ -155,6 +198,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-period", type=float, default=3.0)
     p.add_argument("--check-mib-s", type=int, default=100)
     p.add_argument("--window", type=float, default=1.0, help="seconds the rate is taken over")
+    p.add_argument("--no-qmemman", dest="qmemman", action="store_false", help="balancer only")
+    p.add_argument(
+        "--qmemman-min-mem", default="100M", help="qmemman's vm-min-mem (decimal M: 95.4 MiB)"
+    )
     return p.parse_args(argv)
 
 

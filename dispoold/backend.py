@@ -3,7 +3,7 @@
 The engine knows domains only by name (``dispNNNN``) and never touches a hypervisor
 API. A backend is any class with the methods of :class:`Backend`; ``xen`` is the one
 that ships (:mod:`dispoold.xen`), and ``package.module:Class`` in the configuration
-loads an out-of-tree one.
+loads an out-of-tree one (:func:`load_backend`, through :mod:`dispoold.loader`).
 
 Contract shared by every method:
 
@@ -18,7 +18,6 @@ Contract shared by every method:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,9 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from dispoold.config import TemplateSettings
 from dispoold.identity import Identity
-
-#: Import paths of the backends that ship with dispoold (uvicorn-style: name -> class).
-BACKENDS = {"xen": "dispoold.xen.backend:XenBackend"}
+from dispoold.loader import Axis, load
 
 
 class BackendError(Exception):
@@ -235,42 +232,25 @@ class SaveRestore(Protocol):
         :meth:`Backend.create`: nothing is left behind on failure."""
 
 
+def _unavailable(message: str) -> BackendUnavailable:
+    return BackendUnavailable("load", None, message)
+
+
+#: The backends that ship with dispoold, and how a backend is loaded (:mod:`dispoold.loader`).
+BACKENDS: Axis[Backend] = Axis(
+    kind="backend",
+    builtins={"xen": "dispoold.xen.backend:XenBackend"},
+    port=Backend,
+    error=_unavailable,
+    own_errors=(BackendError,),
+)
+
+
 def load_backend(name: str, options: Mapping[str, Any]) -> Backend:
     """Instantiate the backend named in the configuration.
 
-    ``name`` is a key of :data:`BACKENDS` or ``package.module:Class``; the class is called
-    with ``options`` (the ``[backend.options]`` table). Raises :class:`BackendUnavailable`
-    with a message a person can act on.
+    ``name`` is a key of ``BACKENDS.builtins`` or ``package.module:Class``; the class is
+    called with ``options`` (the ``[backend.options]`` table). Raises
+    :class:`BackendUnavailable` with a message a person can act on.
     """
-    path = BACKENDS.get(name, name)
-    try:
-        cls = import_from_string(path)
-    except ImportError as exc:
-        raise BackendUnavailable("load", None, f"backend {exc}") from None
-    try:
-        backend = cls(dict(options))
-    except BackendError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise BackendUnavailable("load", None, f"backend {name!r}: bad options: {exc}") from None
-    if not isinstance(backend, Backend):
-        raise BackendUnavailable("load", None, f"{path} does not implement the Backend interface")
-    return backend
-
-
-def import_from_string(path: str) -> Any:
-    """Resolve ``package.module:Attribute``.
-
-    Raises :class:`ImportError` whose message names what was asked for and why it failed.
-    """
-    module_name, sep, attribute = path.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ImportError(f"{path!r}: expected a built-in name or 'package.module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"{path!r}: cannot import {module_name}: {exc}") from None
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise ImportError(f"{path!r}: module {module_name} has no {attribute!r}") from None
+    return load(BACKENDS, name, dict(options))

@@ -65,13 +65,34 @@ class BackendSettings(_Table):
 
 
 class MemorySettings(_Table):
+    """``[memory]``. Which settings govern under which manager: docs/design.md, "Memory"."""
+
     #: ``qmemman`` (Qubes), ``balancer`` (plain Xen), ``auto`` (qmemman when its socket
     #: exists), or ``package.module:Class``.
     manager: str = "auto"
+    # -- qmemman --
     qmemman_socket: Path = Path("/var/run/qubes/qmemman.sock")
     qmemman_avail_file: Path = Path("/var/run/qubes/qmemman-avail-mem")
+    #: qmemman's own settings (vm-min-mem, cache-margin-factor): read, never written, to
+    #: know the sizes qmemman sets.
+    qmemman_config: Path = Path("/etc/qubes/qmemman.conf")
     qmemman_connect_timeout: float = Field(5.0, gt=0)
+    #: A qmemman that has not answered within this long is busy (another client holds
+    #: it): an allocation is a shortage for now, a shrink is skipped.
     qmemman_answer_timeout: float = Field(60.0, gt=0)
+    #: A request qmemman has still not answered after this long: qmemman is hung.
+    qmemman_busy_limit: float = Field(300.0, gt=0)
+    #: After a shrink, qmemman is held (no balance may regrow the preload) until the
+    #: engine says the pause has returned, at most this long.
+    qmemman_hold_timeout: float = Field(5.0, gt=0)
+    #: A shrink qmemman answered OK without acting on is tried again this often, after
+    #: this long (its watcher may not have recorded the guest's report yet).
+    qmemman_retries: int = Field(2, ge=0, le=20)
+    qmemman_retry_delay: float = Field(1.0, gt=0)
+    #: How often the client checks that paused preloads keep their targets (Qubes
+    #: #11121) and whether a qmemman that was down or busy is back.
+    qmemman_check_interval: float = Field(2.0, gt=0)
+    # -- dispoold's own balancer --
     #: preferred = clamp(used * factor, floor, maxmem)  (qmemman: 1.3 and 200 MiB)
     preferred_factor: float = Field(1.3, ge=1.0)
     preferred_floor_mib: Mib = 200

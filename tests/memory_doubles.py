@@ -1,142 +1,69 @@
-"""Doubles for the memory managers' tests: a qmemman on a real Unix socket, and a backend
-whose balloon drivers take time.
+"""Doubles for the memory managers' tests: a backend whose balloons take time and whose
+guests report their memory through xenstore, and the qmemman stand-in over it.
 
-:class:`QmemmanServer` speaks qmemman's client protocol as qmemman does (one request per
-connection, the global lock taken before answering and held until the client closes, a
-second line on the same connection ends it, a request it chokes on ends the connection
-without an answer). Unlike qmemman, which serves one connection at a time, it accepts
-connections concurrently (each waits for the lock), so a test can count how many a client
-held open at once.
+:class:`BalloonBackend` is :class:`tests.doubles.FakeBackend` with what memory management
+sees of a real host:
 
-:class:`BalloonBackend` is :class:`tests.doubles.FakeBackend` with slow balloons: a domain's
-actual size moves toward its target at a set speed (MiB/s, per domain), never below a
-set floor (a guest that cannot give more), and not at all while it is paused.
+- slow balloons: a domain's actual size moves toward its balloon target at a set speed
+  (MiB/s, per domain), never below a set floor (a guest that cannot give more), and not
+  at all while it is paused;
+- a build that is not atomic: the domain exists paused first, then (after the build
+  observers registered through ``observe_builds`` have run, and ``unpause_delay``) it
+  runs, as with libxl;
+- a per-domain xenstore area where the guest reports its used memory, in KiB, as the lab
+  guest does: ``data/meminfo`` always, ``memory/meminfo`` only when that key was created
+  owned by the domain (libxl leaves ``memory/`` read-only for the guest); a guest reports
+  once it has booted and while it runs (a paused guest writes nothing);
+- two targets, as on Xen: the balloon target the guest follows (``memory/target``) and
+  the target the toolstack set in Xen (libxl: the same; qmemman: 16 MiB more, see
+  :meth:`BalloonBackend.qmemman_set`). :meth:`memory` reports the latter.
+
+The qmemman stand-in itself is :mod:`tests.qmemman_standin`; :func:`standin` builds one
+over a :class:`BalloonBackend`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from dispoold.backend import MemoryInfo
-from tests.doubles import FakeBackend
+from dispoold.backend import NO_PROVISION, Marker, MemoryInfo, Provision
+from dispoold.config import TemplateSettings
+from tests.doubles import FakeBackend, FakeDomain
+from tests.qmemman_standin import (
+    HANG_UP,
+    MIB,
+    NO_ANSWER,
+    TARGET_OFFSET,
+    BalloonHypervisor,
+    QmemmanStandIn,
+    Request,
+    Rules,
+    Timing,
+)
 
-MIB = 1024 * 1024
+__all__ = [
+    "HANG_UP",
+    "MIB",
+    "NO_ANSWER",
+    "BalloonBackend",
+    "QmemmanStandIn",
+    "Request",
+    "Rules",
+    "Timing",
+    "standin",
+    "write_avail",
+]
 
-#: What the server does with a request instead of answering it.
-NO_ANSWER = "<no answer>"  # keep the connection open, say nothing
-HANG_UP = "<hang up>"  # close the connection without an answer (qmemman on an exception)
+#: Where a guest reports its used memory for qmemman (Qubes' meminfo-writer).
+QMEMMAN_MEMINFO = "memory/meminfo"
+#: Where the lab guest (and dispoold's default meminfo_key) reports it.
+DATA_MEMINFO = "data/meminfo"
 
-
-@dataclass
-class Request:
-    line: str
-    answer: str
-    #: Seconds between the answer and the client closing the connection.
-    held: float | None = None
-    #: The client had hung up before qmemman was done with the request.
-    gone_before_answer: bool = False
-
-
-@dataclass
-class QmemmanServer:
-    path: Path
-    #: Answers by request kind: "free" (``<bytes>``), "set" (``<domid>:<bytes> ...``),
-    #: "invalid" (anything else); values OK / FAIL / INVALID_ARG / NO_ANSWER / HANG_UP.
-    answers: dict[str, str] = field(
-        default_factory=lambda: {"free": "OK", "set": "OK", "invalid": "INVALID_ARG"}
-    )
-    #: Seconds qmemman spends on a request (ballooning) before it answers.
-    delay: float = 0.0
-    #: Called with {domid: bytes} when a set request is answered OK (simulates ballooning).
-    on_set: Callable[[dict[int, int]], None] | None = None
-    requests: list[Request] = field(default_factory=list)
-    open_now: int = 0
-    max_open: int = 0
-    second_lines: int = 0
-
-    def __post_init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self._server: asyncio.AbstractServer | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
-        self.closed = asyncio.Event()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    async def __aenter__(self) -> QmemmanServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @staticmethod
-    def kind(line: str) -> str:
-        words = line.split()
-        if line.isdigit():
-            return "free"
-        if words and ":" in words[0]:
-            return "set"
-        return "invalid"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self.open_now += 1
-        self.max_open = max(self.max_open, self.open_now)
-        loop = asyncio.get_running_loop()
-        got_lock = False
-        try:
-            line = (await reader.read(1024)).strip().decode("ascii", "replace")
-            if not line:
-                return
-            kind = self.kind(line)
-            answer = self.answers[kind]
-            request = Request(line, answer)
-            self.requests.append(request)
-            await self.lock.acquire()
-            got_lock = True
-            answered_at = loop.time()
-            await asyncio.sleep(self.delay)
-            request.gone_before_answer = reader.at_eof()
-            if answer == HANG_UP:
-                return
-            if answer == NO_ANSWER:
-                await reader.read()
-                return
-            if kind == "set" and answer == "OK" and self.on_set is not None:
-                self.on_set({int(d): int(b) for d, b in (pair.split(":") for pair in line.split())})
-            writer.write(f"{answer}\n".encode("ascii"))
-            await writer.drain()
-            # qmemman keeps its lock until the client hangs up.
-            if await reader.read(1024):
-                self.second_lines += 1  # qmemman: "Second request over qmemman.sock?"
-            request.held = loop.time() - answered_at
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            if got_lock:
-                self.lock.release()
-            self.open_now -= 1
-            writer.close()
-            self._handlers.discard(task)
+BuildHook = Callable[[str, int], Coroutine[Any, Any, None]]
 
 
 def write_avail(path: Path, content: str) -> None:
@@ -146,6 +73,19 @@ def write_avail(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+#: The stand-in's clock in host tests: qmemman's 0.1 s poll, 3 s check period and 1 s
+#: window become 0.01 s, 0.3 s and 0.1 s; its watcher looks every 0.01 s.
+FAST = Timing(poll=0.01, check_period=0.3, check_mb_s=100.0, window=0.1, watch=0.01)
+
+
+def standin(
+    path: Path, backend: BalloonBackend, avail_file: Path | None = None, **kwargs: Any
+) -> QmemmanStandIn:
+    """A qmemman stand-in on ``path`` over ``backend``, on the fast clock by default."""
+    kwargs.setdefault("timing", FAST)
+    return QmemmanStandIn(path, BalloonHypervisor(backend), avail_file, **kwargs)
+
+
 class BalloonBackend(FakeBackend):
     def __init__(self, options: dict[str, Any] | None = None, *, speed_mib_s: float = 1e6) -> None:
         super().__init__(options)
@@ -153,12 +93,30 @@ class BalloonBackend(FakeBackend):
         #: Per-domain balloon speed (MiB/s) and the size below which it cannot go.
         self.speed: dict[str, float] = {}
         self.stuck_at: dict[str, int] = {}
-        #: Every target set, in order: (name, target MiB).
+        #: Every target set, in order: (name, target MiB, who set it: "libxl"/"qmemman").
         self.targets: list[tuple[str, int]] = []
+        self.setters: list[str] = []
         #: Seconds a target request takes to land (a slow hypervisor call in a thread).
         self.set_delay = 0.0
+        #: Seconds between a domain's build and its unpause.
+        self.unpause_delay = 0.0
+        #: Each domain's xenstore area (relative keys) and the keys its guest may write.
+        self.xenstore: dict[str, dict[str, str]] = {}
+        self.guest_writable: dict[str, set[str]] = {}
+        #: The target the toolstack set in Xen (MiB), where it differs from the balloon's.
+        self.xen_targets: dict[str, int] = {}
         self._exact: dict[str, float] = {}
         self._moved_at: dict[str, float] = {}
+        self._build_hooks: list[BuildHook] = []
+        self._guest_keys: tuple[str, ...] = ()
+
+    # -- what memory managers may ask of a backend (dispoold.memory.port.BuildObserver)
+
+    def observe_builds(self, hook: BuildHook, guest_keys: tuple[str, ...] = ()) -> None:
+        self._build_hooks.append(hook)
+        self._guest_keys = tuple(dict.fromkeys(self._guest_keys + tuple(guest_keys)))
+
+    # -- the host ---------------------------------------------------------------------
 
     def advance(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -177,17 +135,91 @@ class BalloonBackend(FakeBackend):
                 exact = min(exact + step, target)
             self._exact[domain.name] = exact
             domain.memory_mib = round(exact)
+            self._guest_reports(domain, now)
+
+    def _guest_reports(self, domain: FakeDomain, now: float) -> None:
+        """The guest writes its used memory (KiB) where it may, once booted, while it runs."""
+        booted = domain.ready_at is not None and now >= domain.ready_at
+        if domain.paused or domain.shutdown or not booted or domain.used_mib is None:
+            return
+        store = self.xenstore.setdefault(domain.name, {})
+        for key in (DATA_MEMINFO, QMEMMAN_MEMINFO):
+            if key in self.guest_writable.get(domain.name, set()):
+                store[key] = str(domain.used_mib * 1024)
+
+    def xenstore_read(self, name: str, key: str) -> str | None:
+        self.advance()
+        return self.xenstore.get(name, {}).get(key)
+
+    def qmemman_set(self, name: str, value: int) -> None:
+        """qmemman's mem_set: Xen's target is ``value``; the balloon's 16 MiB lower."""
+        domain = self.domains.get(name)
+        if domain is None:
+            return
+        self.advance()
+        mib = min(value // MIB, domain.maxmem_mib)
+        domain.target_mib = max(0, mib - TARGET_OFFSET // MIB)
+        self.xen_targets[name] = mib
+        self.targets.append((name, mib))
+        self.setters.append("qmemman")
+
+    # -- Backend ----------------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        template: TemplateSettings,
+        marker: Marker,
+        provision: Provision = NO_PROVISION,
+    ) -> int:
+        domid = await super().create(name, template, marker, provision)
+        domain = self.domains[name]
+        domain.paused = True  # built, not yet unpaused: libxl creates domains paused
+        self.xenstore[name] = {}
+        self.guest_writable[name] = {DATA_MEMINFO}
+        for key in self._guest_keys:
+            self.xenstore[name][key] = ""
+            self.guest_writable[name].add(key)
+        self.xen_targets.pop(name, None)
+        for hook in list(self._build_hooks):
+            await hook(name, domid)
+        await asyncio.sleep(self.unpause_delay)
+        if self.domains.get(name) is domain:
+            domain.paused = False
+        return domid
+
+    async def destroy(self, name: str) -> None:
+        await super().destroy(name)
+        self._forget(name)
+
+    def vanish(self, name: str) -> None:
+        super().vanish(name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        if name not in self.domains:
+            for table in (self.xenstore, self.guest_writable, self.xen_targets):
+                table.pop(name, None)
 
     async def set_memory_target(self, name: str, mib: int) -> None:
         await asyncio.sleep(self.set_delay)
         self.advance()
         domain = await self._op("set_memory_target", name)
         domain.target_mib = min(mib, domain.maxmem_mib)
+        self.xen_targets[name] = domain.target_mib
         self.targets.append((name, domain.target_mib))
+        self.setters.append("libxl")
 
     async def memory(self, name: str) -> MemoryInfo:
         self.advance()
-        return await super().memory(name)
+        info = await super().memory(name)
+        reported = self.xenstore.get(name, {}).get(DATA_MEMINFO)
+        return MemoryInfo(
+            actual_mib=info.actual_mib,
+            target_mib=self.xen_targets.get(name, info.target_mib),
+            maxmem_mib=info.maxmem_mib,
+            used_mib=int(reported) // 1024 if reported else None,
+        )
 
     async def free_memory_mib(self) -> int:
         self.advance()

@@ -18,6 +18,7 @@ from dispoold.memory import (
     MemoryManagerError,
     NoMemory,
 )
+from dispoold.memory.port import PreloadMemory
 from tests.memory_doubles import BalloonBackend
 
 # Real time, shrunk: qmemman's 0.1 s poll, 1 s window and 3 s check period become
@@ -66,6 +67,33 @@ async def balancer(backend: BalloonBackend) -> AsyncIterator[Balancer]:
 
 def test_balancer_implements_the_protocol(balancer: Balancer) -> None:
     assert isinstance(balancer, MemoryManager)
+    assert isinstance(balancer, PreloadMemory)
+    assert balancer.shrink_wanted() == []  # nothing it could not do now
+
+
+@pytest.mark.asyncio
+async def test_an_allocation_is_sized_by_the_template(backend: BalloonBackend) -> None:
+    # 4 MiB + 1.5 MiB per vCPU, and for PVH 8 KiB per MiB of maxmem: 400 + 10 + 32 MiB.
+    template = TemplateSettings(memory=400, maxmem=4096, vcpus=4, options={"type": "pvh"})
+    backend.options.host_mib = 441
+    balancer = make_balancer(backend)
+    with pytest.raises(NoMemory, match="442 MiB needed"):
+        async with balancer.allocation("disp1", 400, template):
+            pass
+    backend.options.host_mib = 442
+    async with balancer.allocation("disp1", 400, template):
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_handed_out_disposable_is_never_shrunk(
+    backend: BalloonBackend, balancer: Balancer
+) -> None:
+    await start(balancer, backend, "disp1")
+    balancer.include("disp1")
+    with pytest.raises(MemoryManagerError, match="disp1: it has been handed out"):
+        await balancer.shrink("disp1")
+    assert backend.targets == []
 
 
 # -- shrink ------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_driver_options_are_checked_naming_the_file_and_the_field(tmp_path: Path
     with pytest.raises(ConfigError, match=r"storage\.files\.reflnk: unknown key"):
         load_driver("files", typo, tmp_path / "dispoold.toml")
     missing = StorageSettings.model_validate({"driver": "zfs"})
-    with pytest.raises(ConfigError, match=r"storage\.z\.driver: 'zfs'"):
+    with pytest.raises(ConfigError, match=r"storage\.z\.driver: storage driver 'zfs'"):
         load_driver("z", missing, tmp_path / "dispoold.toml")
 
 

@@ -173,7 +173,7 @@ def test_every_documented_default_is_a_real_key_with_a_valid_value(tmp_path: Pat
     path = tmp_path / "all.toml"
     path.write_text(uncommented)
     config = load(path)
-    assert config.pool.threshold_mib == 1024
+    assert config.pool.threshold_mib == 0  # Qubes' preload-dispvm-threshold default
 
 
 # -- qrexec ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from dispoold.backend import import_from_string
 from dispoold.config import (
     WRITABLE_ROLES,
     ConfigError,
@@ -35,14 +34,10 @@ from dispoold.config import (
     VolumeSettings,
     describe_validation,
 )
+from dispoold.loader import Axis, resolve
 
 log = logging.getLogger("dispoold.storage")
 
-#: The drivers that ship, by configuration name (the way backends are chosen).
-DRIVERS = {
-    "lvm_thin": "dispoold.storage.lvm_thin:LvmThin",
-    "file": "dispoold.storage.file:FileDriver",
-}
 #: Between the parts of a volume's name: instance, disposable, role.
 SEPARATOR = "--"
 #: How long one storage command may take before it is taken for hung.
@@ -103,13 +98,27 @@ class Planned:
     vdev: str
 
 
+#: The drivers that ship, and how a driver is loaded (:mod:`dispoold.loader`).
+DRIVERS: Axis[StorageDriver] = Axis(
+    kind="storage driver",
+    builtins={
+        "lvm_thin": "dispoold.storage.lvm_thin:LvmThin",
+        "file": "dispoold.storage.file:FileDriver",
+    },
+    port=StorageDriver,
+    error=StorageError,
+    own_errors=(StorageError,),
+)
+
+
 def load_driver(pool: str, settings: StorageSettings, path: Path | str) -> StorageDriver:
-    """The driver ``settings.driver`` names, given its options. Raises
-    :class:`~dispoold.config.ConfigError` naming the file and the field."""
+    """The driver ``settings.driver`` names, given its options (the driver's ``Options``
+    model checks them). Raises :class:`~dispoold.config.ConfigError` naming the file and
+    the field."""
     where = f"storage.{pool}"
     try:
-        cls = import_from_string(DRIVERS.get(settings.driver, settings.driver))
-    except ImportError as exc:
+        cls = resolve(DRIVERS, settings.driver)
+    except StorageError as exc:
         raise ConfigError(path, f"{where}.driver: {exc}") from None
     options_model: type[BaseModel] | None = getattr(cls, "Options", None)
     try:
@@ -120,9 +129,7 @@ def load_driver(pool: str, settings: StorageSettings, path: Path | str) -> Stora
         )
     except ValidationError as exc:
         raise ConfigError(path, describe_validation(exc, prefix=where)) from None
-    driver = cls(options)
-    if not isinstance(driver, StorageDriver):
-        raise ConfigError(path, f"{where}.driver: {settings.driver} is not a storage driver")
+    driver: StorageDriver = cls(options)
     return driver
 
 

@@ -18,6 +18,16 @@ neither change nor forge it (it can write only under ``data/``, ``control/...`` 
 like). Nothing acts on a domain without a marker of this daemon's owner, whatever its
 name.
 
+Memory. Under the qmemman memory manager, the backend creates ``memory/meminfo`` and
+``memory/swapinfo`` empty and owned by each domain it builds, once the domain exists and
+before its unpause, as the Qubes toolstack does (libxl leaves ``memory/`` read-only for
+the guest, and qmemman learns what a guest uses only there); then it tells the memory
+manager that the domain exists, so that its allocation ends before the unpause
+(:meth:`XenBackend.observe_builds`, the manager's :class:`dispoold.memory.port.BuildObserver`).
+A domain's target is the one the toolstack set in Xen: libxl and qmemman both keep Xen's
+maxmem 1 MiB above it, while ``memory/target`` (what the guest's balloon follows) is the
+same under libxl and 16 MiB lower under qmemman.
+
 Events. Deaths: a watch on xenstore's ``@releaseDomain`` (fired when any domain shuts
 down, crashes or is destroyed) wakes a scan: one ``libxl_list_domain`` call compared
 with the domains we know. The watch's file descriptor sits in the event loop
@@ -29,11 +39,12 @@ every ``unpause_check_interval`` seconds while some domain is paused by us, and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -79,6 +90,14 @@ log = logging.getLogger("dispoold.xen")
 T = TypeVar("T")
 
 RELEASE_WATCH = "@releaseDomain"
+#: Xen's maxmem sits this far above the target libxl and qmemman set (LIBXL_MAXMEM_CONSTANT).
+MAXMEM_SLACK_KIB = 1024
+#: qmemman writes memory/target this far below the target it sets in Xen (its mem_set).
+QMEMMAN_TARGET_OFFSET_KIB = 16 * 1024
+#: How long a build waits for a memory manager's word before it unpauses the domain.
+BUILD_HOOK_TIMEOUT = 10.0
+
+BuildHook = Callable[[str, int], Coroutine[Any, Any, None]]
 
 
 class _Unpause(Enum):
@@ -107,6 +126,20 @@ class _Found:
     name: str
     marker: Marker | None
     maxmem_kib: int
+
+
+def xen_target_kib(max_memkb: int, balloon_kib: int | None, ceiling_kib: int) -> int | None:
+    """The target the toolstack set in Xen, from Xen's maxmem and ``memory/target``.
+
+    libxl and qmemman both set Xen's maxmem to the target + 1 MiB; ``memory/target`` is
+    the target under libxl and 16 MiB below it under qmemman. When the two disagree
+    otherwise (someone changed maxmem alone), ``memory/target`` is all there is."""
+    if balloon_kib is None:
+        return None
+    xen_kib = max_memkb - MAXMEM_SLACK_KIB
+    if 0 <= xen_kib - balloon_kib <= QMEMMAN_TARGET_OFFSET_KIB:
+        return min(xen_kib, ceiling_kib)
+    return balloon_kib
 
 
 def domain_spec(
@@ -186,6 +219,17 @@ class XenBackend:
         self._scan_wanted = asyncio.Event()
         self._monitor_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._build_hooks: list[BuildHook] = []
+        self._guest_keys: tuple[str, ...] = ()
+
+    def observe_builds(self, hook: BuildHook, guest_keys: tuple[str, ...] = ()) -> None:
+        """For every domain built from now on: once it exists (paused), create
+        ``guest_keys`` (relative to its xenstore area) empty and owned by it, run
+        ``hook(name, domid)`` on the event loop and wait for it (at most
+        :data:`BUILD_HOOK_TIMEOUT`), then unpause it. A key that cannot be created fails
+        the build; a hook that fails or is late is logged and the build goes on."""
+        self._build_hooks.append(hook)
+        self._guest_keys = tuple(dict.fromkeys(self._guest_keys + tuple(guest_keys)))
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -311,11 +355,36 @@ class XenBackend:
             )
         domid, uuid = xl.create(spec)
         try:
+            self._built_sync(spec.name, domid)
             xl.unpause(domid)
-        except LibxlError:
+        except (LibxlError, XenStoreError) as exc:
             xl.destroy(domid)
+            if isinstance(exc, XenStoreError):
+                raise LibxlError("create", 0, f"guest keys: {exc}") from None
             raise
         return domid, uuid
+
+    def _built_sync(self, name: str, domid: int) -> None:
+        """The domain exists, paused: the keys its guest reports memory in, then the
+        memory manager's word (in the worker thread, before the unpause)."""
+        xs = self._need(self._xs)
+        for key in self._guest_keys:
+            path = f"/local/domain/{domid}/{key}"
+            xs.write(path, "")
+            # Owned by the domain, nobody else's (dom0 always has access).
+            xs.set_permissions(path, [(domid, self._lib.XS_PERM_NONE)])
+        loop = self._loop
+        for hook in list(self._build_hooks):
+            if loop is None:
+                break
+            future = asyncio.run_coroutine_threadsafe(hook(name, domid), loop)
+            try:
+                future.result(BUILD_HOOK_TIMEOUT)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                log.warning("%s: the memory manager did not answer the build in time", name)
+            except Exception as exc:  # the manager's problem; the build goes on
+                log.warning("%s: the memory manager's build hook failed: %s", name, exc)
 
     async def wait_ready(self, name: str, timeout: float) -> None:
         try:
@@ -509,7 +578,8 @@ class XenBackend:
             return None
         xs = self._need(self._xs)
         maxmem = self._maxmem_sync(info)
-        target = parse_kib(xs.read(f"/local/domain/{domid}/memory/target"), maxmem)
+        balloon = parse_kib(xs.read(f"/local/domain/{domid}/memory/target"), maxmem)
+        target = xen_target_kib(info.max_memkb, balloon, maxmem)
         used = parse_kib(xs.read(self._key_path(domid, self.options.meminfo_key)), maxmem)
         return MemoryInfo(
             actual_mib=info.current_memkb // 1024,

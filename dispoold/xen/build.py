@@ -196,6 +196,8 @@ char **xs_directory(struct xs_handle *h, xs_transaction_t t, const char *path,
                     unsigned int *num);
 struct xs_permissions *xs_get_permissions(struct xs_handle *h, xs_transaction_t t,
                                           const char *path, unsigned int *num);
+bool xs_set_permissions(struct xs_handle *h, xs_transaction_t t, const char *path,
+                        struct xs_permissions *perms, unsigned int num_perms);
 bool xs_watch(struct xs_handle *h, const char *path, const char *token);
 bool xs_unwatch(struct xs_handle *h, const char *path, const char *token);
 int xs_fileno(struct xs_handle *h);

@@ -106,6 +106,19 @@ class XenStore:
         finally:
             lib.free(perms)
 
+    def set_permissions(self, path: str, permissions: list[tuple[int, int]]) -> None:
+        """Set ``(domid, XS_PERM_* bits)`` pairs: the first names the owner (who may read
+        and write) and gives everyone else's access; dom0 always has both."""
+        ffi, lib = self._ffi, self._lib
+        perms = ffi.new("struct xs_permissions[]", len(permissions))
+        for i, (domid, bits) in enumerate(permissions):
+            perms[i].id = domid
+            perms[i].perms = bits
+        if not lib.xs_set_permissions(
+            self._h(), lib.XBT_NULL, path.encode(), perms, len(permissions)
+        ):
+            raise self._error("xs_set_permissions", path)
+
     def watch(self, path: str, token: str) -> None:
         """Watch ``path`` (and its children). xenstored fires once at once."""
         if not self._lib.xs_watch(self._h(), path.encode(), token.encode()):
